@@ -1,0 +1,1 @@
+"""MLflow tracking, best-epoch selection, ONNX export, registration and pulling models by name."""

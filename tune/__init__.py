@@ -1,0 +1,1 @@
+"""Hyper-parameter sweeps (grid and ASHA) with Ray Tune, logged to MLflow."""

@@ -1,0 +1,1 @@
+"""Validation against a reference: physics observables, CaloChallenge metrics, plots."""
