@@ -156,12 +156,16 @@ def agreement_table(rows: list[dict]) -> str:
 
 #: the EM coefficients the fit may move (the rest keep GFLASH's values)
 FREE_PARAMETERS = ("t_a", "t_b", "a_a", "a_b", "s_T", "sT_a", "sa_a", "rc_a", "rc_b", "rc_c", "rc_pow",
-                   "k1_a", "k2", "k4_a", "k4_b", "p1_a", "p2_a", "p3_a", "p3_b", "spot_a", "spot_b",
-                   "deposit")
+                   "k1_a", "k2", "k3", "k4_a", "k4_b", "p1_a", "p2_a", "p3_a", "p3_b", "spot_a", "spot_b")
+
+#: physical bounds: a deposit cannot exceed the incident energy, the number of spots must grow
+#: with energy, the core must widen with depth, and so on
+BOUNDS = {"s_T": (0.3, 2.0), "rc_pow": (0.3, 3.0), "spot_a": (10.0, 5000.0), "spot_b": (0.5, 1.2),
+          "deposit": (0.98, 1.0), "k3": (-10.0, -0.1)}
 
 
 def fit(reference: dict[float, Profiles], sim: ShowerSimulator, free=FREE_PARAMETERS,
-        n_draws: int = 300, max_nfev: int = 400, verbose: int = 0) -> EMParams:
+        n_draws: int = 600, max_nfev: int = 400, verbose: int = 0) -> EMParams:
     """Least-squares fit of the simulator's EM coefficients to reference profiles.
 
     Residuals per energy: the relative deviation of every bin of the longitudinal and radial
@@ -172,7 +176,9 @@ def fit(reference: dict[float, Profiles], sim: ShowerSimulator, free=FREE_PARAME
 
     energies = sorted(reference)
     base = sim.em
-    x0 = np.array([getattr(base, k) for k in free], dtype=np.float64)
+    lower = np.array([BOUNDS.get(k, (-np.inf, np.inf))[0] for k in free])
+    upper = np.array([BOUNDS.get(k, (-np.inf, np.inf))[1] for k in free])
+    x0 = np.clip(np.array([getattr(base, k) for k in free], dtype=np.float64), lower + 1e-9, upper - 1e-9)
     scale = np.maximum(np.abs(x0), 0.05)
     masks = {e: (_core_bins(reference[e].long_mean, 0.95), _core_bins(reference[e].rad_mean, 0.95))
              for e in energies}
@@ -196,7 +202,8 @@ def fit(reference: dict[float, Profiles], sim: ShowerSimulator, free=FREE_PARAME
 
     with np.errstate(all="ignore"):
         n_res = len(residuals(x0))
-        sol = least_squares(residuals, x0, x_scale=scale, max_nfev=max_nfev, verbose=verbose, diff_step=1e-3)
+        sol = least_squares(residuals, x0, bounds=(lower, upper), x_scale=scale, max_nfev=max_nfev, verbose=verbose,
+                            diff_step=1e-3)
     return replace(base, **dict(zip(free, sol.x)))
 
 

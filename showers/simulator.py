@@ -322,7 +322,10 @@ class ShowerSimulator:
             s_t = 1.0 / (em.sT_a + em.sT_b * ln_y)
             s_a = 1.0 / (em.sa_a + em.sa_b * ln_y)
             rho = em.rho_a + em.rho_b * ln_y
-        s_t, s_a = em.s_T * np.abs(s_t), em.s_T * np.abs(s_a)
+        # GFLASH's widths diverge where their denominators cross zero (ln y ≈ 1-2, far below the
+        # energies they were fitted at): cap them at 1 in ln T and ln α
+        s_t = em.s_T * np.where(s_t > 0, np.minimum(s_t, 1.0), 1.0)
+        s_a = em.s_T * np.where(s_a > 0, np.minimum(s_a, 1.0), 1.0)
         rho = np.clip(rho, -0.99, 0.99)
         z1, z2 = rng.standard_normal((2, len(energies)))
         c1, c2 = np.sqrt((1 + rho) / 2), np.sqrt((1 - rho) / 2)
@@ -368,7 +371,8 @@ class ShowerSimulator:
         cdf = gammainc(alpha[:, None], beta_per_mm[:, None] * depth)
         long = np.diff(cdf, axis=1)  # (N, L)
         behind = 1.0 - cdf[:, -1]
-        tau = np.maximum(self._mid[None, :] - start_mm[:, None], 0.0) / tmax_mm[:, None]
+        # τ = t/T; capped where the radial formulas would overflow (far behind the shower, no energy)
+        tau = np.minimum(np.maximum(self._mid[None, :] - start_mm[:, None], 0.0) / tmax_mm[:, None], 30.0)
         p, rc, rt = radial(tau)
         lay = self._lr_layer
         pc, rc2, rt2 = p[:, lay], rc[:, lay] ** 2, rt[:, lay] ** 2
@@ -384,9 +388,15 @@ class ShowerSimulator:
     def _pion_components(self, energies, angles, rng):
         med, pm = self.medium, self.pion
         n = len(energies)
-        e_gev = energies / 1000.0
         lam = med.lambda_mm
+        # the first interaction; a pion that loses all its energy by ionisation before it stops there
         t_int = rng.exponential(lam, n)
+        if med.dedx_mip:
+            t_int = np.minimum(t_int, energies / med.dedx_mip)
+        mip = self._mip_track(t_int)
+        e_left = energies if mip is None else np.maximum(energies - mip[0], 0.0)
+        energies = np.maximum(e_left, 1e-3)
+        e_gev = energies / 1000.0
         mean_fem = np.clip(1.0 - np.maximum(e_gev / pm.e0_gev, 1.0) ** (pm.k - 1.0), 0.02, 0.98)
         f_em = rng.beta(mean_fem * pm.fem_conc, (1 - mean_fem) * pm.fem_conc)
         # the EM part: an electron-like shower from the first interaction
@@ -404,12 +414,10 @@ class ShowerSimulator:
         had_spots = pm.spot_a * np.maximum(e_gev, 0.05) ** pm.spot_b
         smear = self._sampling_smear(energies, angles, rng)
         comps = [
-            (energies * f_em * self.em.deposit * smear, em_fr, em_spots),
-            (energies * (1 - f_em) * pm.h_over_e * smear, had_fr, had_spots),
+            (e_left * f_em * self.em.deposit * smear, em_fr, em_spots),
+            (e_left * (1 - f_em) * pm.h_over_e * smear, had_fr, had_spots),
         ]
-        # the MIP track before the first interaction, along the axis (innermost radial bin)
-        mip = self._mip_track(t_int)
-        if mip is not None:
+        if mip is not None:  # the track before the first interaction (innermost radial bin)
             comps.append(mip)
         return comps
 
