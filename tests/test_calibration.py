@@ -1,0 +1,60 @@
+"""The simulator against real Geant4 showers (the reduced fixture), and the calibration machinery."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from showers import calibrate as cal
+from showers.readout import get_readout
+from showers.simulator import ShowerSimulator
+
+FIXTURE = Path(__file__).parent / "fixtures" / "g4_pbwo4_electrons_reduced.h5"
+
+
+@pytest.fixture(scope="module")
+def readout():
+    return get_readout("g4-pbwo4")
+
+
+def test_simulator_agrees_with_geant4(readout):
+    """Mean longitudinal and radial profiles within max(5%, 3 SE of the Geant4 mean) in the bins
+    holding 90% of the energy, mean E_grid/E_inc within 1% and its spread within 25%, at every
+    energy of the fixture (40 Geant4 showers per energy, 1-256 GeV)."""
+    ref = cal.reference_profiles(FIXTURE, readout)
+    assert sorted(ref) == [1000.0 * 2**k for k in range(9)]
+    sim = ShowerSimulator(readout, "PbWO4", "e-")
+    rng = np.random.default_rng(2024)
+    rows = []
+    for e in sorted(ref):
+        n = 1000
+        x = sim.simulate(np.full(n, e), rng=rng)
+        rows.append(cal.agreement(ref[e], cal.sample_profiles(np.full(n, e), x, readout)[e]))
+    table = cal.agreement_table(rows)
+    assert all(r["ok"] for r in rows), "\n" + table
+
+
+def test_agreement_flags_a_wrong_simulator(readout):
+    """The criterion can fail: a simulator whose showers start 1.5 X0 too deep is caught."""
+    ref = cal.reference_profiles(FIXTURE, readout)
+    sim = ShowerSimulator(readout, "PbWO4", "e-")
+    bad = sim.with_em(t_a=sim.em.t_a + 1.5)
+    e = 16000.0
+    x = bad.simulate(np.full(500, e), seed=3)
+    row = cal.agreement(ref[e], cal.sample_profiles(np.full(500, e), x, readout)[e])
+    assert not row["ok"] and row["long_score"] > 1
+
+
+def test_fit_recovers_known_coefficients(readout):
+    """Fit two longitudinal coefficients to profiles made with known values."""
+    truth = ShowerSimulator(readout, "PbWO4", "e-")
+    truth = truth.with_em(t_a=truth.em.t_a + 0.4, a_b=truth.em.a_b * 1.1)
+    energies = [2000.0, 16000.0, 128000.0]
+    ref = cal.model_profiles(truth, energies, n_draws=400, seed=9)
+    for p in ref.values():  # give the synthetic reference Geant4-like standard errors
+        p.long_se, p.rad_se = 0.01 * p.long_mean, 0.01 * p.rad_mean
+    start = replace(truth, em=replace(truth.em, t_a=truth.em.t_a - 0.4, a_b=truth.em.a_b / 1.1))
+    fitted = cal.fit(ref, start, free=("t_a", "a_b"), n_draws=400, max_nfev=60)
+    assert fitted.t_a == pytest.approx(truth.em.t_a, abs=0.08)
+    assert fitted.a_b == pytest.approx(truth.em.a_b, rel=0.03)
