@@ -104,6 +104,33 @@ def show(path, out_png, readout, max_showers) -> None:
 
 
 @main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_h5", required=True, help="CaloChallenge HDF5 file to write.")
+@click.option("--collections", default="ECalBarrelSiHitsEven,ECalBarrelSiHitsOdd", show_default=True,
+              help="Comma-separated SimCalorimeterHit collections.")
+@click.option("--entry", default=0, show_default=True, help="Event number in the file.")
+def voxelise(path, out_h5, collections, entry) -> None:
+    """Voxelise a Geant4 (ddsim) EDM4hep event around its primary particle into a CaloChallenge
+    file (energy conserved exactly: voxels + outside = hits), and print where the energy went."""
+    from showers.errors import ShowerDataError
+    from showers.formats import write_calochallenge
+    from showers.voxelise import edm4hep_event_to_voxels
+
+    try:
+        vox, outside, ro = edm4hep_event_to_voxels(path, collections=collections.split(","), entry=entry)
+        from showers.formats import read_edm4hep_hits
+
+        primary = read_edm4hep_hits(path, collections=collections.split(","), entry=entry)["primary"]
+        write_calochallenge(out_h5, [primary["kinetic_energy"]], vox,
+                            {"readout": ro, "source": Path(path).name, "entry": entry, "particle_pdg": primary["pdg"]})
+    except (ShowerDataError, KeyError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"primary PDG {primary['pdg']}, {primary['kinetic_energy'] / 1000:.2f} GeV; "
+               f"{vox.sum():.1f} MeV in {int((vox > 0).sum())} voxels of {ro.n_voxels} ({ro.name}), "
+               f"{outside.sum():.1f} MeV outside -> {out_h5}")
+
+
+@main.command()
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False))
 @click.option("--readout", default="g4-pbwo4", show_default=True)
 @click.option("--medium", default="PbWO4", show_default=True)
@@ -141,6 +168,73 @@ def calibrate(reference, readout, medium, particle, n_sim, do_fit, write_to, see
         cal.save_calibration(write_to, medium, sim.em, {"reference": Path(reference).name, "readout": readout,
                                                         "particle": particle}, table)
         click.echo(f"wrote {write_to}")
+
+
+def _overrides(pairs) -> dict:
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+@main.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="CaloChallenge HDF5 file, or a folder of them (same readout).")
+@click.option("--readout", default=None, help="Readout of the data if the file does not record one.")
+@click.option("-o", "--out", "out_dir", default=None, help="Run folder (default: out/train/MODEL).")
+@click.option("--iterations", default=2000, show_default=True)
+@click.option("--checkpoint-every", default=500, show_default=True)
+@click.option("--val-fraction", default=0.2, show_default=True, help="Held out per energy point.")
+@click.option("--min-val-per-energy", default=100, show_default=True)
+@click.option("--incremental-every", type=int, default=None,
+              help="FastCaloGAN's schedule: start at 32 GeV, add an energy point every M iterations.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
+@click.option("--no-resume", is_flag=True, help="Start from scratch even if the run folder has checkpoints.")
+def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every, val_fraction, min_val_per_energy,
+          incremental_every, seed, device, bf16, sets, no_resume) -> None:
+    """Train one model on showers; resumes from the run folder's latest checkpoint."""
+    import torch
+
+    from showers.errors import ShowerDataError
+    from trainers.data import load_showers, split_validation
+    from trainers.loop import TrainConfig
+    from trainers.loop import train as run_training
+    from zoo import create_model
+
+    try:
+        data = load_showers(data_path, readout=readout)
+        torch.manual_seed(seed)
+        overrides = _overrides(sets)
+        model = create_model(model_name, **overrides)
+        if model.readout != data.readout and "readout" not in overrides:
+            model = create_model(model_name, readout=data.readout.to_dict(), **overrides)
+        tr, va = split_validation(data, val_fraction, min_val_per_energy, seed=seed)
+        cfg = TrainConfig(iterations=iterations, checkpoint_every=checkpoint_every, seed=seed, device=device,
+                          bf16=bf16, incremental_every=incremental_every)
+        out = Path(out_dir or f"out/train/{model_name}")
+        click.echo(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+                   f"{len(tr)} training and {len(va)} validation showers ({data.readout.name}) -> {out}")
+        result = run_training(model, tr, va, cfg, out, resume=not no_resume)
+    except (ShowerDataError, KeyError, ValueError, FloatingPointError) as exc:
+        _fail(exc)
+    best = result.best
+    click.echo(f"done in {result.seconds:.0f} s; best checkpoint: iteration {best['iteration']} "
+               f"(chi2 sum {best['metrics']['chi2_sum']:.1f}, chi2/ndf {best['metrics']['chi2_ndf']:.2f}, "
+               f"separation power {best['metrics']['sep_power']:.3f}) in {out / 'checkpoints'}")
 
 
 @main.command()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from showers.observables import energy_per_layer, energy_per_radial_bin
 from showers.readout import Readout
 from showers.simulator import EMParams, ShowerSimulator
 
@@ -63,14 +64,14 @@ def _profiles(energies: np.ndarray, long: np.ndarray, rad: np.ndarray) -> dict[f
 
 
 def _layer_and_radial(energies: np.ndarray, showers: np.ndarray, readout: Readout):
-    x = readout.to_grid(showers).astype(np.float64) / energies[:, None, None, None]
-    return x.sum((2, 3)), x.sum((1, 2))
+    return (energy_per_layer(showers, readout) / energies[:, None],
+            energy_per_radial_bin(showers, readout) / energies[:, None])
 
 
 def sample_profiles(energies_mev, showers, readout: Readout) -> dict[float, Profiles]:
     """Profiles per distinct incident energy of a sample (Geant4 or simulated).
 
-    energies_mev: (N,) MeV; showers: (N, n_voxels) MeV in a regular readout.
+    energies_mev: (N,) MeV; showers: (N, n_voxels) MeV.
     """
     energies = np.asarray(energies_mev, dtype=np.float64).ravel()
     return _profiles(energies, *_layer_and_radial(energies, np.asarray(showers), readout))
@@ -94,6 +95,9 @@ def model_profiles(sim: ShowerSimulator, energies, n_draws: int = 400, seed: int
     n_lay = sim.readout.n_layers
     lr_layer, lr_r = sim.lr_layer_and_r
     n_r = int(lr_r.max()) + 1
+    # one-hot maps from (layer, r-bin) pairs to layers and to radial bins
+    to_layer = np.eye(n_lay)[lr_layer]
+    to_r = np.eye(n_r)[lr_r]
     out = {}
     for i, e in enumerate(sorted(float(x) for x in energies)):
         rng = np.random.default_rng([seed, i])
@@ -102,10 +106,7 @@ def model_profiles(sim: ShowerSimulator, energies, n_draws: int = 400, seed: int
         deposit, (frac_lr, frac_out), n_spot = comps[0]
         w = deposit / en
         cell = frac_lr * w[:, None]
-        long = np.zeros((n_draws, n_lay))
-        rad = np.zeros((n_draws, n_r))
-        np.add.at(long.T, lr_layer, cell.T)
-        np.add.at(rad.T, lr_r, cell.T)
+        long, rad = cell @ to_layer, cell @ to_r
         g = long.sum(1)
         f = np.clip(frac_out, 0, 1)
         spot_var = (w**2 * 2 * f * (1 - f) / n_spot).mean()

@@ -49,3 +49,19 @@ def test_console_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "calozoo.cli", "catalogue"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "atlas-like" in res.stdout and "300 regions" in res.stdout
+
+
+def test_voxelise_the_real_edm4hep_event(tmp_path):
+    from pathlib import Path
+
+    from showers.formats import read_calochallenge, read_edm4hep_hits
+
+    event = Path(__file__).parent / "fixtures" / "caloclouds3_single_event_example.edm4hep.root"
+    out = tmp_path / "event.h5"
+    res = CliRunner().invoke(main, ["voxelise", str(event), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    e, x = read_calochallenge(out, validate=False)
+    hits = read_edm4hep_hits(event, collections=["ECalBarrelSiHitsEven", "ECalBarrelSiHitsOdd"])
+    assert e[0] == np.float64(hits["primary"]["kinetic_energy"])
+    # all but the hits far from the axis land in voxels
+    assert 0.99 * hits["energy"].sum() < x.sum() <= hits["energy"].sum() * (1 + 1e-9)

@@ -1,0 +1,99 @@
+"""Training data: showers from CaloChallenge files, split into training and validation sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from showers.errors import ShowerDataError
+from showers.formats import file_attrs, file_readout, iter_calochallenge
+from showers.readout import Readout, get_readout
+
+__all__ = ["ShowerData", "load_showers", "split_validation", "energy_points"]
+
+
+@dataclass
+class ShowerData:
+    """Showers in memory: ``showers`` (N, n_voxels) float32 MeV, ``energy`` (N,) MeV, optional
+    ``angle`` (N,) degrees and ``geometry`` (N,) names, the ``readout`` and where they came from."""
+
+    showers: np.ndarray
+    energy: np.ndarray
+    readout: Readout
+    source: str = ""
+    angle: np.ndarray | None = None
+    geometry: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.energy)
+
+    def subset(self, idx) -> ShowerData:
+        return replace(self, showers=self.showers[idx], energy=self.energy[idx],
+                       angle=None if self.angle is None else self.angle[idx],
+                       geometry=None if self.geometry is None else self.geometry[idx])
+
+    @property
+    def discrete(self) -> bool:
+        """True if the incident energies are a few discrete points (as in FastCaloGAN or this
+        project's campaigns), False for a continuous spectrum."""
+        return len(np.unique(self.energy)) <= max(30, len(self) // 50)
+
+
+def energy_points(energy: np.ndarray) -> np.ndarray:
+    return np.unique(np.asarray(energy, dtype=np.float64))
+
+
+def load_showers(path, readout=None, max_showers: int | None = None) -> ShowerData:
+    """Load a CaloChallenge file, or every ``*.h5`` of a folder with the same readout.
+
+    The readout comes from ``readout`` (name, XML, Readout), else from the file's attributes.
+    Angles are read from a per-shower dataset ``angles`` if present, else from the file attribute
+    ``angle_deg``.
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.h5")) if path.is_dir() else [path]
+    if not files:
+        raise ShowerDataError(path, "no *.h5 files in this folder")
+    ro = get_readout(readout) if readout is not None else file_readout(files[0])
+    if ro is None:
+        raise ShowerDataError(files[0], "the file records no readout: give one (--readout)")
+    es, xs, angles = [], [], []
+    for f in files:
+        n_f = 0
+        attrs = file_attrs(f)
+        for e, x in iter_calochallenge(f, readout=ro):
+            es.append(np.asarray(e, dtype=np.float64))
+            xs.append(np.asarray(x, dtype=np.float32))
+            angles.append(np.full(len(e), float(attrs.get("angle_deg", 90.0))))
+            n_f += len(e)
+            if max_showers and sum(map(len, es)) >= max_showers:
+                break
+        if max_showers and sum(map(len, es)) >= max_showers:
+            break
+    energy = np.concatenate(es)[:max_showers]
+    return ShowerData(np.concatenate(xs)[:max_showers], energy, ro, ",".join(str(f) for f in files),
+                      angle=np.concatenate(angles)[:max_showers])
+
+
+def split_validation(data: ShowerData, fraction: float = 0.2, min_per_energy: int = 0,
+                     seed: int = 0) -> tuple[ShowerData, ShowerData]:
+    """Hold out a validation set, stratified by incident energy for discrete energies.
+
+    Each energy point keeps max(fraction × n, min_per_energy) showers (at most n - 1) out of
+    training; a continuous spectrum holds out ``fraction`` at random. The two sets are disjoint.
+    """
+    rng = np.random.default_rng(seed)
+    val = []
+    if data.discrete:
+        for e in energy_points(data.energy):
+            idx = np.flatnonzero(data.energy == e)
+            k = min(max(int(round(fraction * len(idx))), min_per_energy), len(idx) - 1)
+            val.append(rng.choice(idx, size=k, replace=False))
+        val = np.sort(np.concatenate(val))
+    else:
+        val = np.sort(rng.choice(len(data), size=int(round(fraction * len(data))), replace=False))
+    mask = np.zeros(len(data), dtype=bool)
+    mask[val] = True
+    return data.subset(np.flatnonzero(~mask)), data.subset(np.flatnonzero(mask))

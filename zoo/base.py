@@ -1,0 +1,202 @@
+"""The one narrow interface every calozoo model implements.
+
+What the trainers, the exporter and the registry rely on, and nothing more:
+
+- ``kind``: ``"likelihood"`` (trained by minimising ``losses(batch)["loss"]``: VAE, AR, flows) or
+  ``"adversarial"`` (``critic_loss(batch)`` and ``generator_loss(batch)`` over
+  ``critic_parameters()`` and ``generator_parameters()``: the GAN);
+- ``noise_dim`` and ``generate(noise, conditions)``: the *inference graph*, (noise (N, noise_dim),
+  encoded conditions (N, n_cond)) → voxel energies in MeV (N, n_voxels), inverse preprocessing
+  included, pure torch ops so that it exports to ONNX complete on its own;
+- ``sample(energy_mev, angle_deg, geometry)``: draws the noise and calls ``generate``;
+- ``config``: a typed dataclass (``asdict`` is JSON-able) holding the readout, the condition spec and
+  the transform spec, so that a checkpoint or an exported model rebuilds the model alone.
+
+A batch is a dict of tensors: ``showers`` (B, n_voxels) MeV, ``energy`` (B,) MeV and
+``conditions`` (B, n_cond), the encoded conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from showers.readout import Readout, get_readout
+from showers.transforms import ConditionSpec, build_transform, encode_conditions
+
+__all__ = ["ModelConfig", "ShowerModel", "family_class", "model_from_checkpoint"]
+
+
+@dataclass
+class ModelConfig:
+    """Fields every family's config has; a family's config subclasses this and adds its own.
+
+    readout: the readout (a built-in name, a Readout or its dict; stored as the dict).
+    conditions: the ConditionSpec (or its dict; stored as the dict).
+    transform: the preprocessing spec (``showers.transforms``), applied to voxel energies in MeV.
+    """
+
+    readout: dict | str = "g4-pbwo4"
+    conditions: dict = field(default_factory=lambda: ConditionSpec().to_dict())
+    transform: list = field(default_factory=lambda: [{"kind": "divide_by_incident"}])
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.readout, dict):
+            self.readout = get_readout(self.readout).to_dict()
+        if isinstance(self.conditions, ConditionSpec):
+            self.conditions = self.conditions.to_dict()
+        if isinstance(self.transform, dict):
+            self.transform = [self.transform]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_FAMILIES: dict[str, type] = {}
+
+
+class ShowerModel(nn.Module):
+    """Base class of calozoo models (see the module docstring for the interface)."""
+
+    family: ClassVar[str] = ""
+    kind: ClassVar[str] = "likelihood"
+    config_class: ClassVar[type] = ModelConfig
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.family:
+            if cls.family in _FAMILIES and _FAMILIES[cls.family] is not cls:
+                raise ValueError(f"model family {cls.family!r} is defined twice")
+            _FAMILIES[cls.family] = cls
+
+    def __init__(self, config: ModelConfig, variant: str = ""):
+        super().__init__()
+        self.config = config
+        self.variant = variant or self.family
+        self.readout = Readout.from_dict(config.readout)
+        self.condition_spec = ConditionSpec.from_dict(config.conditions)
+        self.transform = build_transform(config.transform)
+        self.n_voxels = self.readout.n_voxels
+        self.n_cond = self.condition_spec.n_cond
+
+    # -- conditions and preprocessing ----------------------------------------------------------
+    def encode_conditions(self, energy_mev, angle_deg=None, geometry=None) -> torch.Tensor:
+        """(N,) MeV (+ angle, geometry) → encoded conditions (N, n_cond) float32 on the model's device."""
+        energy = np.asarray(energy_mev.detach().cpu() if torch.is_tensor(energy_mev) else energy_mev,
+                            dtype=np.float64).ravel()
+        if torch.is_tensor(angle_deg):
+            angle_deg = angle_deg.detach().cpu().numpy()
+        cond = encode_conditions(energy, angle_deg, geometry, spec=self.condition_spec)
+        return torch.as_tensor(np.asarray(cond), dtype=torch.float32, device=self.device)
+
+    def energy_from_conditions(self, conditions: torch.Tensor) -> torch.Tensor:
+        """Incident energy in MeV (N,) from encoded conditions, in torch ops (exportable)."""
+        spec = self.condition_spec
+        c = conditions[:, 0]
+        if spec.energy_encoding == "linear":
+            return c * spec.energy_scale_mev
+        lo, hi = spec.energy_range_mev
+        return torch.exp(c * (math.log(hi) - math.log(lo)) + math.log(lo))
+
+    def preprocess(self, showers_mev: torch.Tensor, energy_mev: torch.Tensor) -> torch.Tensor:
+        return self.transform.forward(showers_mev, energy_mev)
+
+    def postprocess(self, x: torch.Tensor, energy_mev: torch.Tensor) -> torch.Tensor:
+        """Model space → MeV per voxel, never negative."""
+        return torch.clamp(self.transform.inverse(x, energy_mev), min=0.0)
+
+    # -- the interface ---------------------------------------------------------------------------
+    @property
+    def noise_dim(self) -> int:
+        raise NotImplementedError
+
+    def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """The inference graph: (noise (N, noise_dim), conditions (N, n_cond)) → MeV (N, n_voxels)."""
+        raise NotImplementedError
+
+    def losses(self, batch: dict) -> dict:
+        """Likelihood models: {"loss": scalar to minimise, ...components for logging}."""
+        raise NotImplementedError
+
+    def critic_loss(self, batch: dict) -> dict:
+        """Adversarial models: {"loss": the critic's loss, ...}."""
+        raise NotImplementedError
+
+    def generator_loss(self, batch: dict) -> dict:
+        """Adversarial models: {"loss": the generator's loss, ...}."""
+        raise NotImplementedError
+
+    def critic_parameters(self):
+        raise NotImplementedError
+
+    def generator_parameters(self):
+        raise NotImplementedError
+
+    # -- conveniences built on the interface -------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    def draw_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(n, self.noise_dim, generator=generator, device=self.device)
+
+    @torch.no_grad()
+    def sample(self, energy_mev, angle_deg=None, geometry=None, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Showers (N, n_voxels) in MeV for the given conditions."""
+        was = self.training
+        self.eval()
+        try:
+            cond = self.encode_conditions(energy_mev, angle_deg, geometry)
+            if noise is None:
+                noise = self.draw_noise(cond.shape[0], generator)
+            return self.generate(noise, cond)
+        finally:
+            self.train(was)
+
+    def inference_module(self) -> nn.Module:
+        """A module whose forward(noise, conditions) is the inference graph, in eval mode."""
+        return _InferenceGraph(self).eval()
+
+    def describe(self) -> dict:
+        """What travels with the model (checkpoint, ONNX metadata, MLflow tags)."""
+        return {"family": self.family, "variant": self.variant, "kind": self.kind, "config": self.config.to_dict(),
+                "noise_dim": self.noise_dim, "n_voxels": self.n_voxels, "n_cond": self.n_cond}
+
+
+class _InferenceGraph(nn.Module):
+    def __init__(self, model: ShowerModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        return self.model.generate(noise, conditions)
+
+
+def family_class(family: str) -> type:
+    from zoo._registry import _import_families
+
+    _import_families()
+    try:
+        return _FAMILIES[family]
+    except KeyError:
+        raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(_FAMILIES))}") from None
+
+
+def model_from_checkpoint(state: dict) -> ShowerModel:
+    """Rebuild a model from a checkpoint dict (``family``, ``variant``, ``config``, ``model``)."""
+    cls = family_class(state["family"])
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    config = cls.config_class(**{k: v for k, v in state["config"].items() if k in known})
+    model = cls(config, variant=state.get("variant", ""))
+    model.load_state_dict(state["model"])
+    return model

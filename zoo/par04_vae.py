@@ -1,0 +1,193 @@
+"""The Par04 conditional VAE (Geant4 extended example Par04 and its ML training code).
+
+The model of Par04's ``training/core/model.py``, in PyTorch:
+
+- preprocessing: voxel energy / incident energy (transform spec ``[{"kind": "divide_by_incident"}]``),
+  so every voxel is a number in [0, 1];
+- conditions: incident energy / 1024 GeV (linear), angle / 90°, geometry one-hot (``ConditionSpec``);
+- encoder: (x (n_voxels), conditions) → dense 100 → 50 → 20 → 14 (activation, then batch norm) →
+  mu, log-variance (latent_dim = 10);
+- decoder: (z, conditions) → dense 14 → 20 → 50 → 100 (mirrored) → n_voxels with a sigmoid, i.e. the
+  fraction of the incident energy in each voxel;
+- loss: binary cross-entropy summed over voxels (Keras' mean BCE × ORIGINAL_DIM in Par04) +
+  ``kl_weight`` × KL(q(z | x, c) ‖ N(0, 1)), averaged over the batch.
+
+Inference (``generate``) is the decoder alone: z ~ N(0, 1) of size latent_dim is the noise, and the
+sigmoid output times the incident energy (recovered from the encoded conditions) gives MeV.
+
+Departures from the Keras original, on purpose: PyTorch's default (Kaiming-uniform) initialisation
+instead of Keras ``RandomNormal(stddev=0.05)``; the BCE is computed from the decoder's logits
+(``binary_cross_entropy_with_logits``), which equals BCE of the sigmoid output without the
+clipping of log(0) that Keras applies.
+
+Variants: ``par04_vae`` (Par04's grid, energy + angle + geometry), ``par04_vae_ds2`` (CaloChallenge
+dataset 2 readout, energy only) and ``par04_vae_pbwo4`` (the Geant4 PbWO4 reference file, energy only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from showers.transforms import ConditionSpec
+from zoo._registry import register_model
+from zoo.base import ModelConfig, ShowerModel
+
+__all__ = ["Par04VAE", "Par04VAEConfig"]
+
+# Par04's conditions: E / 1024 GeV, angle / 90 degrees, one-hot over its two calorimeter geometries.
+PAR04_CONDITIONS = ConditionSpec(energy_encoding="linear", energy_scale_mev=1.024e6, use_angle=True,
+                                 angle_max_deg=90.0, geometries=("SiW", "SciPb"))
+# Energy only (normal incidence, one geometry), same linear scale as Par04.
+ENERGY_ONLY_CONDITIONS = ConditionSpec(energy_encoding="linear", energy_scale_mev=1.024e6)
+
+_ACTIVATIONS = ("leaky_relu", "relu", "elu", "silu", "tanh")
+
+
+@dataclass
+class Par04VAEConfig(ModelConfig):
+    """Config of :class:`Par04VAE` (defaults: Par04's own hyper-parameters).
+
+    latent_dim: size of z, which is also the model's noise_dim.
+    encoder_widths: hidden widths of the encoder; the decoder uses them reversed.
+    activation: hidden activation, one of leaky_relu, relu, elu, silu, tanh.
+    leaky_slope: negative slope of leaky_relu (0.2: TensorFlow's ``tf.nn.leaky_relu``, which Keras'
+        ``activation="leaky_relu"`` resolves to).
+    batch_norm: batch norm after each hidden activation, as in Par04.
+    kl_weight: weight of the KL term against the summed BCE.
+    learning_rate, batch_size: read by the likelihood trainer (Par04: Adam, 1e-3, 100 per replica).
+    """
+
+    readout: dict | str = "par04"
+    conditions: dict = field(default_factory=PAR04_CONDITIONS.to_dict)
+    transform: list = field(default_factory=lambda: [{"kind": "divide_by_incident"}])
+    latent_dim: int = 10
+    encoder_widths: tuple[int, ...] = (100, 50, 20, 14)
+    activation: str = "leaky_relu"
+    leaky_slope: float = 0.2
+    batch_norm: bool = True
+    kl_weight: float = 1.0
+    learning_rate: float = 1e-3
+    batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # a config read back from JSON has a list here
+        self.encoder_widths = tuple(int(w) for w in self.encoder_widths)
+        if self.latent_dim < 1 or not self.encoder_widths or min(self.encoder_widths) < 1:
+            raise ValueError(f"latent_dim and encoder_widths must be positive, got {self.latent_dim}, "
+                             f"{self.encoder_widths}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+
+
+def _activation(cfg: Par04VAEConfig) -> nn.Module:
+    if cfg.activation == "leaky_relu":
+        return nn.LeakyReLU(cfg.leaky_slope)
+    return {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh}[cfg.activation]()
+
+
+def _mlp(widths: list[int], cfg: Par04VAEConfig) -> nn.Sequential:
+    """Dense → activation → (batch norm) for each consecutive pair of widths (Par04's block order)."""
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(w_in, w_out), _activation(cfg)]
+        if cfg.batch_norm:
+            layers.append(nn.BatchNorm1d(w_out))
+    return nn.Sequential(*layers)
+
+
+class Par04VAE(ShowerModel):
+    """Par04's conditional VAE; see the module docstring. Voxel space: E_voxel / E_inc in [0, 1]."""
+
+    family = "par04_vae"
+    kind = "likelihood"
+    config_class = Par04VAEConfig
+
+    def __init__(self, config: Par04VAEConfig, variant: str = ""):
+        super().__init__(config, variant)
+        widths = list(config.encoder_widths)
+        self.encoder = _mlp([self.n_voxels + self.n_cond] + widths, config)
+        self.to_mu = nn.Linear(widths[-1], config.latent_dim)
+        self.to_logvar = nn.Linear(widths[-1], config.latent_dim)
+        rev = widths[::-1]
+        self.decoder = _mlp([config.latent_dim + self.n_cond] + rev, config)
+        self.to_voxels = nn.Linear(rev[-1], self.n_voxels)  # logits; the sigmoid is applied outside
+
+    @property
+    def noise_dim(self) -> int:
+        return self.config.latent_dim
+
+    # -- the two halves ------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, n_voxels) in model space (fractions of E_inc), conditions (B, n_cond) →
+        mu, logvar, each (B, latent_dim)."""
+        h = self.encoder(torch.cat([x, conditions], dim=1))
+        return self.to_mu(h), self.to_logvar(h)
+
+    def decode_logits(self, z: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim), conditions (B, n_cond) → logits (B, n_voxels); sigmoid = fraction of E_inc."""
+        return self.to_voxels(self.decoder(torch.cat([z, conditions], dim=1)))
+
+    # -- the interface ---------------------------------------------------------------------------
+    def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """noise (N, latent_dim) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) in MeV."""
+        fractions = torch.sigmoid(self.decode_logits(noise, conditions))
+        return self.postprocess(fractions, self.energy_from_conditions(conditions))
+
+    def losses(self, batch: dict) -> dict:
+        """{"loss", "reconstruction", "kl"}: per-shower sums over voxels / latent dims, batch means.
+
+        Draws the reparameterisation noise with the global torch RNG (one ``randn`` of (B, latent_dim)).
+        """
+        # Fractions of the incident energy; a voxel above E_inc (never, physically) would leave the
+        # domain of the BCE, hence the clamp.
+        x = self.preprocess(batch["showers"], batch["energy"]).clamp(0.0, 1.0)
+        cond = batch["conditions"]
+        mu, logvar = self.encode(x, cond)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        logits = self.decode_logits(z, cond)
+        # Keras' mean BCE over voxels × ORIGINAL_DIM = the sum over voxels
+        reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+        kl = -0.5 * (1.0 + logvar - mu.square() - logvar.exp()).sum(1)
+        loss = reconstruction + self.config.kl_weight * kl
+        return {"loss": loss.mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}
+
+
+# -- variants -------------------------------------------------------------------------------------
+def _create(variant: str, defaults: dict, overrides: dict) -> Par04VAE:
+    known = {f.name for f in dataclasses.fields(Par04VAEConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"{variant}: unknown config fields {sorted(unknown)}; known: {sorted(known)}")
+    return Par04VAE(Par04VAEConfig(**{**defaults, **overrides}), variant=variant)
+
+
+@register_model
+def par04_vae(**overrides) -> Par04VAE:
+    """Par04 as published: its 18 r × 50 phi × 45 z grid (40500 voxels), E + angle + geometry (SiW, SciPb)."""
+    return _create("par04_vae", dict(readout="par04", conditions=PAR04_CONDITIONS.to_dict()), overrides)
+
+
+@register_model
+def par04_vae_ds2(**overrides) -> Par04VAE:
+    """CaloChallenge dataset 2 readout (45 × 16 × 9 = 6480 voxels), energy only.
+
+    Dataset 2 has normal incidence and one geometry, so an angle or geometry column would be constant;
+    the energy keeps Par04's linear E / 1024 GeV (dataset 2 spans 1 GeV to 1 TeV).
+    """
+    return _create("par04_vae_ds2", dict(readout="calochallenge-2", conditions=ENERGY_ONLY_CONDITIONS.to_dict()),
+                   overrides)
+
+
+@register_model
+def par04_vae_pbwo4(**overrides) -> Par04VAE:
+    """The Geant4 PbWO4 reference readout 'g4-pbwo4' (45 × 16 × 9), energy only (E / 1024 GeV)."""
+    return _create("par04_vae_pbwo4", dict(readout="g4-pbwo4", conditions=ENERGY_ONLY_CONDITIONS.to_dict()),
+                   overrides)
