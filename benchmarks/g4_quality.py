@@ -1,0 +1,93 @@
+"""Train the model families on real Geant4 showers and report their quality per energy, next to
+the Geant4-against-Geant4 floor measured the same way.
+
+    .venv/bin/python benchmarks/g4_quality.py --data ../shared/g4showers/pbwo4_electrons_main.h5 \
+        --models par04_vae_pbwo4:6000 fastcalogan_pbwo4:3000 fast_ar:3000 --out out/quality
+
+Splits (per energy point, seeded): a *report* set of 100 showers that no model sees, a *selection*
+set of 50 for choosing the best checkpoint (FastCaloGAN's χ² sum), the rest for training. The
+floor: a Geant4 subset of the training set of the report set's size, compared with the report set
+exactly as a model's showers are. The classifier (low-level: log10 E_inc and voxels / E_inc) is
+trained on all energies pooled.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainers.checkpoint import load_checkpoint
+from trainers.data import load_showers, split_validation
+from trainers.loop import TrainConfig, train
+from validate.classifier import ClassifierConfig, classifier_auc, low_level_features
+from validate.compare import compare_per_energy
+from zoo import create_model, model_from_checkpoint
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--readout", default="g4-pbwo4")
+    ap.add_argument("--models", nargs="+", default=["par04_vae_pbwo4:6000"], help="NAME:ITERATIONS")
+    ap.add_argument("--checkpoint-every", type=int, default=500)
+    ap.add_argument("--out", default="out/quality")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--classifier-epochs", type=int, default=30)
+    args = ap.parse_args()
+    out = Path(args.out)
+    data = load_showers(args.data, readout=args.readout)
+    rest, report = split_validation(data, fraction=0.0, min_per_energy=100, seed=1)
+    tr, select = split_validation(rest, fraction=0.0, min_per_energy=50, seed=2)
+    print(f"{len(tr)} training, {len(select)} selection, {len(report)} report showers ({data.readout.name})")
+    ro = data.readout
+    ccfg = ClassifierConfig(epochs=args.classifier_epochs)
+    x_report = low_level_features(report.showers, report.energy)
+
+    # the floor: Geant4 against Geant4, with the report set's sizes
+    rng = np.random.default_rng(3)
+    idx = np.concatenate([rng.choice(np.flatnonzero(tr.energy == e), (report.energy == e).sum(), replace=False)
+                          for e in np.unique(report.energy)])
+    floor_rows = compare_per_energy(tr.showers[idx], tr.energy[idx], report.showers, report.energy, ro)
+    floor_auc = classifier_auc(low_level_features(tr.showers[idx], tr.energy[idx]), x_report, ccfg)["auc"]
+    results = {"floor": {"rows": floor_rows, "auc": floor_auc}}
+    print_table("Geant4 vs Geant4 (floor)", floor_rows, floor_auc)
+
+    for spec in args.models:
+        name, iters = spec.split(":")
+        torch.manual_seed(0)
+        model = create_model(name)
+        t0 = time.perf_counter()
+        res = train(model, tr, select, TrainConfig(iterations=int(iters), checkpoint_every=args.checkpoint_every,
+                                                   device=args.device), out / name)
+        best = res.best
+        model = model_from_checkpoint(load_checkpoint(out / name / "checkpoints" / best["file"]))
+        model.to("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        gen = model.sample(report.energy, generator=torch.Generator(device=model.device).manual_seed(7)).cpu().numpy()
+        rows = compare_per_energy(gen, report.energy, report.showers, report.energy, ro)
+        a = classifier_auc(low_level_features(gen, report.energy), x_report, ccfg)["auc"]
+        results[name] = {"rows": rows, "auc": a, "best_iteration": best["iteration"], "iterations": int(iters),
+                         "seconds": time.perf_counter() - t0,
+                         "device": str(model.device), "parameters": sum(p.numel() for p in model.parameters())}
+        print_table(f"{name}: best iteration {best['iteration']} of {iters}, {results[name]['seconds']:.0f} s on "
+                    f"{model.device}", rows, a, floor_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
+
+
+def print_table(title, rows, auc, floor=None):
+    print(f"\n### {title}\nclassifier AUC (all energies): {auc:.3f}")
+    print("| E [GeV] | χ²/ndf E_tot | sep. power E_tot/E_inc | max Δ long (90%) | max Δ radial (90%) |")
+    print("|---|---|---|---|---|")
+    for i, r in enumerate(rows):
+        f = floor[i] if floor else None
+        def cell(k, fmt):
+            return fmt.format(r[k]) + (f" ({fmt.format(f[k])})" if f else "")
+        print(f"| {r['energy_gev']:g} | {cell('chi2_ndf', '{:.2f}')} | {cell('sep_power', '{:.3f}')} | "
+              f"{cell('long_max_rel', '{:.1%}')} | {cell('rad_max_rel', '{:.1%}')} |")
+
+
+if __name__ == "__main__":
+    main()
