@@ -31,7 +31,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--readout", default="g4-pbwo4")
-    ap.add_argument("--models", nargs="+", default=["par04_vae_pbwo4:6000"], help="NAME:ITERATIONS")
+    ap.add_argument("--models", nargs="+", default=["par04_vae_pbwo4:6000"],
+                    help="NAME:ITERATIONS[:CHECKPOINT_EVERY]")
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--device", default="auto")
@@ -56,12 +57,13 @@ def main():
     print_table("Geant4 vs Geant4 (floor)", floor_rows, floor_auc)
 
     for spec in args.models:
-        name, iters = spec.split(":")
+        name, iters, *every = spec.split(":")
         torch.manual_seed(0)
         model = create_model(name)
         t0 = time.perf_counter()
-        res = train(model, tr, select, TrainConfig(iterations=int(iters), checkpoint_every=args.checkpoint_every,
-                                                   device=args.device), out / name)
+        every = int(every[0]) if every else args.checkpoint_every
+        res = train(model, tr, select, TrainConfig(iterations=int(iters), checkpoint_every=every, device=args.device,
+                                                   progress=False), out / name)
         best = res.best
         model = model_from_checkpoint(load_checkpoint(out / name / "checkpoints" / best["file"]))
         model.to("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -79,8 +79,10 @@ class EMParams:
     (``rm_scale`` multiplies the medium's Molière radius):
       R_C = rc_a + rc_b ln E + (rc_c + rc_d Z) τ^rc_pow,
       R_T = k1 (e^(k3 (τ-k2)) + e^(k4 (τ-k2))), k1 = k1_a + k1_b Z, k4 = k4_a + k4_b ln E,
-      p = p1 exp((p2-τ)/p3 - e^((p2-τ)/p3)), p1 = p1_a + p1_b Z, p2 = p2_a + p2_b Z,
-      p3 = p3_a + p3_b ln E.
+      p = p1 exp((p2-τ)/p3 - e^((p2-τ)/p3)), p1 = p1_a + p1_b Z + p1_c ln E (p1_c = 0 in GFLASH), p2 = p2_a + p2_b Z,
+      p3 = p3_a + p3_b ln E;
+    the tail's CDF is generalised to 1 - (1 + r²/R_T²)^(-tail_power) (GFLASH: tail_power = 1), which
+    lets the far tail fall faster than GFLASH's 1/r³, as the Geant4 PbWO4 showers' do.
     Spots: N_spot = spot_a ln(Z) (E/GeV)^spot_b (homogeneous) or 10.3/σ_samp (E/GeV)^0.959
     (sampling). ``deposit`` is the fraction of E deposited in the calorimeter (a Geant4 PbWO4
     block keeps 99.7%: backscatter and escaping photons take the rest).
@@ -111,11 +113,13 @@ class EMParams:
     k4_b: float = 0.0412
     p1_a: float = 2.632
     p1_b: float = -0.00094
+    p1_c: float = 0.0
     p2_a: float = 0.401
     p2_b: float = 0.00187
     p3_a: float = 1.313
     p3_b: float = -0.0686
     rm_scale: float = 1.0
+    tail_power: float = 1.0
     spot_a: float = 93.0
     spot_b: float = 0.876
     deposit: float = 1.0
@@ -282,7 +286,8 @@ class ShowerSimulator:
         return vox.astype(np.float32), leak
 
     def _components(self, energies, angles, rng):
-        """[(deposited energy (N,) MeV, (fraction per voxel (N,V), fraction leaked (N,)), N_spot (N,))]"""
+        """[(deposited energy (N,) MeV, (fraction per (layer, r-bin) (N, n_lr), fraction leaked (N,)),
+        N_spot (N,))]"""
         med, em = self.medium, self.em
         if self.particle in ("pi+", "pi-"):
             return self._pion_components(energies, angles, rng)
@@ -290,9 +295,9 @@ class ShowerSimulator:
         if self.particle == "gamma":
             # a photon travels a conversion length (mean 9/7 X0) before its shower starts
             start = rng.exponential(9.0 / 7.0 * med.x0_mm, len(energies))
-        fracs, n_spot = self._em_fractions(energies, angles, start, rng)
+        (frac_lr, out), n_spot = self._em_fractions(energies, angles, start, rng)
         deposit = energies * em.deposit * self._sampling_smear(energies, angles, rng)
-        return [(deposit, fracs, n_spot)]
+        return [(deposit, (frac_lr, out), n_spot)]
 
     def _sampling_smear(self, energies, angles, rng):
         med = self.medium
@@ -344,7 +349,7 @@ class ShowerSimulator:
             rt = (em.k1_a + em.k1_b * z) * (np.exp(em.k3 * (tau - em.k2)) + np.exp(k4 * (tau - em.k2)))
             p3 = em.p3_a + em.p3_b * ln_e
             u = (em.p2_a + em.p2_b * z - tau) / p3
-            p = (em.p1_a + em.p1_b * z) * np.exp(u - np.exp(u))
+            p = (em.p1_a + em.p1_b * z + em.p1_c * ln_e) * np.exp(u - np.exp(u))
             if fs is not None:
                 fsc, eh = fs[:, None], med.e_hat
                 rc = rc - 0.0203 * (1 - eh) + 0.0397 * np.exp(-tau) / fsc
@@ -353,14 +358,14 @@ class ShowerSimulator:
             rm = med.rm_mm * em.rm_scale
             return np.clip(p, 0.0, 1.0), np.maximum(rc, 1e-3) * rm, np.maximum(rt, 2e-3) * rm
 
-        fr = self._profile_fractions(start_mm, alpha, beta / x0, t_max * x0, radial)
+        fr = self._profile_fractions(start_mm, alpha, beta / x0, t_max * x0, radial, em.tail_power)
         if med.sampling:
             n_spot = 10.3 / med.sigma_samp * e_gev**0.959
         else:
             n_spot = em.spot_a * math.log(med.Z) * e_gev**em.spot_b
         return fr, np.maximum(n_spot, 5.0)
 
-    def _profile_fractions(self, start_mm, alpha, beta_per_mm, tmax_mm, radial):
+    def _profile_fractions(self, start_mm, alpha, beta_per_mm, tmax_mm, radial, tail_power: float = 1.0):
         """Fractions of a gamma-profile shower (starting at ``start_mm``) in each (layer, r-bin)
         pair of the readout (N, n_lr), and out of the readout (N,).
 
@@ -377,11 +382,14 @@ class ShowerSimulator:
         lay = self._lr_layer
         pc, rc2, rt2 = p[:, lay], rc[:, lay] ** 2, rt[:, lay] ** 2
         lo2, hi2 = self._lr_rlo**2, self._lr_rhi**2
-        rad = pc * (hi2 / (hi2 + rc2) - lo2 / (lo2 + rc2)) + (1 - pc) * (hi2 / (hi2 + rt2) - lo2 / (lo2 + rt2))
+        n = tail_power
+        # tail CDF 1 - (1 + r²/R_T²)^-n (GFLASH: n = 1); n > 1 steepens the far tail
+        rad = (pc * (hi2 / (hi2 + rc2) - lo2 / (lo2 + rc2))
+               + (1 - pc) * ((1 + lo2 / rt2) ** -n - (1 + hi2 / rt2) ** -n))
         frac_lr = long[:, lay] * rad
         # energy beyond each layer's outermost radius (all of it in a layer without voxels)
         rmax2 = self._r_max**2
-        inside = p * rmax2 / (rmax2 + rc**2) + (1 - p) * rmax2 / (rmax2 + rt**2)
+        inside = p * rmax2 / (rmax2 + rc**2) + (1 - p) * (1 - (1 + rmax2 / rt**2) ** -n)
         out = behind + (long * (1.0 - inside)).sum(1)
         return frac_lr, out
 

@@ -65,3 +65,31 @@ def test_voxelise_the_real_edm4hep_event(tmp_path):
     assert e[0] == np.float64(hits["primary"]["kinetic_energy"])
     # all but the hits far from the axis land in voxels
     assert 0.99 * hits["energy"].sum() < x.sum() <= hits["energy"].sum() * (1 + 1e-9)
+
+
+def test_train_each_family_from_the_cli_on_simulated_data(tmp_path):
+    runner = CliRunner()
+    data = tmp_path / "data"
+    for detector, region in (("pbwo4", "electron_eta_000_005"), ("atlas-like", "photon_eta_020_025")):
+        res = runner.invoke(main, ["simulate", "--detector", detector, "--regions", region, "--energies", "4,16,64",
+                                   "-n", "40", "-o", str(data), "--no-ray"])
+        assert res.exit_code == 0, res.output
+    runs = [
+        ("par04_vae_pbwo4", "electron_eta_000_005", []),
+        ("fast_ar", "electron_eta_000_005", ["--set", "width=8", "--set", "n_conv=1", "--set", "n_components=2"]),
+        ("fastcalogan", "photon_eta_020_025", ["--set", "batch_size=16"]),
+    ]
+    for model, region, extra in runs:
+        out = tmp_path / model
+        res = runner.invoke(main, ["train", model, "--data", str(data / f"{region}.h5"), "--iterations", "6",
+                                   "--checkpoint-every", "3", "--min-val-per-energy", "10", "-o", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        assert "best checkpoint: iteration" in res.output
+        assert 1 <= len(list((out / "checkpoints").glob("*.pt"))) <= 5
+    # a second call resumes: nothing left to do, the same best checkpoint
+    res = runner.invoke(main, ["train", "par04_vae_pbwo4", "--data", str(data / "electron_eta_000_005.h5"),
+                               "--iterations", "6", "--checkpoint-every", "3", "--min-val-per-energy", "10",
+                               "-o", str(tmp_path / "par04_vae_pbwo4")])
+    assert res.exit_code == 0 and "iteration" in res.output
+    res = runner.invoke(main, ["train", "no_such_model", "--data", str(data / "electron_eta_000_005.h5")])
+    assert res.exit_code != 0 and "registered models" in res.output

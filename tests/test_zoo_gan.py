@@ -18,16 +18,6 @@ from zoo.fastcalogan import (FastCaloGAN, FastCaloGANConfig, fastcalogan, fastca
 TINY = Readout("tiny", (Layer((0.0, 1.0, 2.0), 2), Layer((0.0, 1.0, 2.0), 2)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These networks are tiny: on a shared 2-core CPU, two OpenMP threads spend far longer waiting
-    # for each other than computing (measured: a critic step 0.5 s with 2 threads, 1 ms with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(**overrides) -> FastCaloGAN:
     torch.manual_seed(0)
     cfg = {"readout": TINY, "latent_dim": 4, "generator_widths": (8, 16), "critic_widths": (16, 16), **overrides}

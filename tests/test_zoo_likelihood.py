@@ -27,15 +27,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine, two OpenMP threads spin against each other (100x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synthetic_batch(model, n: int, seed: int = 0) -> dict:
     """Shower-like batch for the model's readout: a longitudinal gamma profile, an exponential radial
     profile, log-normal fluctuations and about half the voxels exactly zero; energies 1–100 GeV."""

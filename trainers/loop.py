@@ -93,7 +93,7 @@ class _LikelihoodStep:
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.opt.step()
-        return {k: float(v) for k, v in out.items()}
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
 
     def state(self) -> dict:
         return {"opt": self.opt.state_dict()}
@@ -122,8 +122,8 @@ class _AdversarialStep:
         self.opt_g.zero_grad(set_to_none=True)
         g["loss"].backward()
         self.opt_g.step()
-        out = {f"critic_{k}": float(v) for k, v in c.items()}
-        out.update({f"generator_{k}": float(v) for k, v in g.items()})
+        out = {f"critic_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in c.items()}
+        out.update({f"generator_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in g.items()})
         return out
 
     def state(self) -> dict:
@@ -145,7 +145,7 @@ class _Batches:
         self.showers = torch.as_tensor(data.showers, dtype=torch.float32, device=device)
         self.energy = torch.as_tensor(data.energy, dtype=torch.float32, device=device)
         geometry = None if data.geometry is None else list(data.geometry)
-        self.conditions = model.encode_conditions(data.energy, data.angle, geometry).to(device)
+        self.conditions = model.encode_conditions(data.energy, data.angle, geometry, ignore_unused=True).to(device)
         self.energy_np = data.energy
         self.active = torch.arange(len(data), device=device)
 
@@ -180,7 +180,7 @@ def validate(model: ShowerModel, val: ShowerData, n_max: int = 20000, seed: int 
     gen = torch.Generator(device=model.device).manual_seed(seed)
     geometry = None if val.geometry is None else list(val.geometry[idx])
     angle = None if val.angle is None else val.angle[idx]
-    fake = model.sample(val.energy[idx], angle, geometry, generator=gen).float().cpu().numpy()
+    fake = model.sample(val.energy[idx], angle, geometry, generator=gen, ignore_unused=True).float().cpu().numpy()
     return etot_chi2(fake, val.energy[idx], val.showers[idx], val.energy[idx]), fake
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from showers.readout import Readout, get_readout
 from showers.transforms import ConditionSpec, build_transform, encode_conditions
 
-__all__ = ["ModelConfig", "ShowerModel", "family_class", "model_from_checkpoint"]
+__all__ = ["ModelConfig", "ShowerModel", "build_variant", "family_class", "model_from_checkpoint"]
 
 
 @dataclass
@@ -86,8 +86,15 @@ class ShowerModel(nn.Module):
         self.n_cond = self.condition_spec.n_cond
 
     # -- conditions and preprocessing ----------------------------------------------------------
-    def encode_conditions(self, energy_mev, angle_deg=None, geometry=None) -> torch.Tensor:
-        """(N,) MeV (+ angle, geometry) → encoded conditions (N, n_cond) float32 on the model's device."""
+    def encode_conditions(self, energy_mev, angle_deg=None, geometry=None, ignore_unused: bool = False) -> torch.Tensor:
+        """(N,) MeV (+ angle, geometry) → encoded conditions (N, n_cond) float32 on the model's device.
+
+        ignore_unused: drop an angle or geometry the model is not conditioned on (data sets record
+        the angle even where it is fixed) instead of refusing it.
+        """
+        if ignore_unused:
+            angle_deg = angle_deg if self.condition_spec.use_angle else None
+            geometry = geometry if self.condition_spec.geometries else None
         energy = np.asarray(energy_mev.detach().cpu() if torch.is_tensor(energy_mev) else energy_mev,
                             dtype=np.float64).ravel()
         if torch.is_tensor(angle_deg):
@@ -151,12 +158,12 @@ class ShowerModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, energy_mev, angle_deg=None, geometry=None, generator: torch.Generator | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+               noise: torch.Tensor | None = None, ignore_unused: bool = False) -> torch.Tensor:
         """Showers (N, n_voxels) in MeV for the given conditions."""
         was = self.training
         self.eval()
         try:
-            cond = self.encode_conditions(energy_mev, angle_deg, geometry)
+            cond = self.encode_conditions(energy_mev, angle_deg, geometry, ignore_unused=ignore_unused)
             if noise is None:
                 noise = self.draw_noise(cond.shape[0], generator)
             return self.generate(noise, cond)
@@ -180,6 +187,16 @@ class _InferenceGraph(nn.Module):
 
     def forward(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         return self.model.generate(noise, conditions)
+
+
+def build_variant(cls: type, variant: str, defaults: dict, overrides: dict) -> ShowerModel:
+    """What every variant function does: its defaults, updated by the caller's overrides (unknown
+    config fields are refused, naming the known ones), into ``cls``'s config and model."""
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"{variant}: unknown config fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(cls.config_class(**{**defaults, **overrides}), variant=variant)
 
 
 def family_class(family: str) -> type:

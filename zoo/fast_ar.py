@@ -52,7 +52,6 @@ Variants: ``fast_ar`` (readout 'g4-pbwo4', 45 × 16 × 9, small widths for a CPU
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -64,7 +63,7 @@ from torch import nn
 from showers.readout import Readout
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, ShowerModel
+from zoo.base import ModelConfig, ShowerModel, build_variant
 
 __all__ = ["FastAR", "FastARConfig"]
 
@@ -294,11 +293,7 @@ class FastAR(ShowerModel):
 
 # -- variants -------------------------------------------------------------------------------------
 def _create(variant: str, defaults: dict, overrides: dict) -> FastAR:
-    known = {f.name for f in dataclasses.fields(FastARConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"{variant}: unknown config fields {sorted(unknown)}; known: {sorted(known)}")
-    return FastAR(FastARConfig(**{**defaults, **overrides}), variant=variant)
+    return build_variant(FastAR, variant, defaults, overrides)
 
 
 @register_model

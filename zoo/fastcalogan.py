@@ -37,7 +37,6 @@ voxels, and the matching weight columns, at the end.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -47,7 +46,7 @@ from torch import nn
 
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, ShowerModel
+from zoo.base import ModelConfig, ShowerModel, build_variant
 
 __all__ = ["FastCaloGAN", "FastCaloGANConfig", "MLP", "for_region",
            "fastcalogan", "fastcalogan_pion", "fastcalogan_pbwo4"]
@@ -233,11 +232,7 @@ class FastCaloGAN(ShowerModel):
 
 # -- variants ------------------------------------------------------------------------------------------
 def _create(variant: str, defaults: dict, overrides: dict) -> FastCaloGAN:
-    known = {f.name for f in dataclasses.fields(FastCaloGANConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"{variant}: unknown config fields {sorted(unknown)}; known: {sorted(known)}")
-    return FastCaloGAN(FastCaloGANConfig(**{**defaults, **overrides}), variant=variant)
+    return build_variant(FastCaloGAN, variant, defaults, overrides)
 
 
 def _atlas_region(name: str):

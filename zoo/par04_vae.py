@@ -26,7 +26,6 @@ dataset 2 readout, energy only) and ``par04_vae_pbwo4`` (the Geant4 PbWO4 refere
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, ShowerModel
+from zoo.base import ModelConfig, ShowerModel, build_variant
 
 __all__ = ["Par04VAE", "Par04VAEConfig"]
 
@@ -162,11 +161,7 @@ class Par04VAE(ShowerModel):
 
 # -- variants -------------------------------------------------------------------------------------
 def _create(variant: str, defaults: dict, overrides: dict) -> Par04VAE:
-    known = {f.name for f in dataclasses.fields(Par04VAEConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"{variant}: unknown config fields {sorted(unknown)}; known: {sorted(known)}")
-    return Par04VAE(Par04VAEConfig(**{**defaults, **overrides}), variant=variant)
+    return build_variant(Par04VAE, variant, defaults, overrides)
 
 
 @register_model
