@@ -159,7 +159,7 @@ def agreement_table(rows: list[dict]) -> str:
 #: the EM coefficients the fit may move (the rest keep GFLASH's values)
 FREE_PARAMETERS = ("t_a", "t_b", "a_a", "a_b", "s_T", "sT_a", "sa_a", "rc_a", "rc_b", "rc_c", "rc_pow",
                    "k1_a", "k2", "k3", "k4_a", "k4_b", "p1_a", "p1_c", "p2_a", "p3_a", "p3_b", "tail_power",
-                   "spot_a", "spot_b", "deposit")
+                   "spot_a", "deposit")
 
 #: physical bounds: a deposit cannot exceed the incident energy, the number of spots must grow
 #: with energy, the core must widen with depth, and so on
