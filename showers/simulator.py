@@ -81,8 +81,8 @@ class EMParams:
       R_T = k1 (e^(k3 (τ-k2)) + e^(k4 (τ-k2))), k1 = k1_a + k1_b Z, k4 = k4_a + k4_b ln E,
       p = p1 exp((p2-τ)/p3 - e^((p2-τ)/p3)), p1 = p1_a + p1_b Z + p1_c ln E (p1_c = 0 in GFLASH), p2 = p2_a + p2_b Z,
       p3 = p3_a + p3_b ln E;
-    the tail's CDF is generalised to 1 - (1 + r²/R_T²)^(-tail_power) (GFLASH: tail_power = 1), which
-    lets the far tail fall faster than GFLASH's 1/r³, as the Geant4 PbWO4 showers' do.
+    the tail's CDF is generalised to 1 - (1 + r²/R_T²)^(-tail_power) (GFLASH: tail_power = 1), so a
+    calibration can make the far tail fall faster or slower than GFLASH's 1/r³.
     Spots: N_spot = spot_a ln(Z) (E/GeV)^spot_b (homogeneous) or 10.3/σ_samp (E/GeV)^0.959
     (sampling). ``deposit`` is the fraction of E deposited in the calorimeter (a Geant4 PbWO4
     block keeps 99.7%: backscatter and escaping photons take the rest).
