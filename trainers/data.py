@@ -61,13 +61,11 @@ def load_showers(path, readout=None, max_showers: int | None = None) -> ShowerDa
         raise ShowerDataError(files[0], "the file records no readout: give one (--readout)")
     es, xs, angles = [], [], []
     for f in files:
-        n_f = 0
         attrs = file_attrs(f)
         for e, x in iter_calochallenge(f, readout=ro):
             es.append(np.asarray(e, dtype=np.float64))
             xs.append(np.asarray(x, dtype=np.float32))
             angles.append(np.full(len(e), float(attrs.get("angle_deg", 90.0))))
-            n_f += len(e)
             if max_showers and sum(map(len, es)) >= max_showers:
                 break
         if max_showers and sum(map(len, es)) >= max_showers:
