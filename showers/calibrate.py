@@ -25,7 +25,7 @@ from showers.observables import energy_per_layer, energy_per_radial_bin
 from showers.readout import Readout
 from showers.simulator import EMParams, ShowerSimulator
 
-__all__ = ["Profiles", "reference_profiles", "sample_profiles", "model_profiles", "agreement",
+__all__ = ["Profiles", "core_bins", "reference_profiles", "sample_profiles", "model_profiles", "agreement",
            "agreement_table", "fit", "FREE_PARAMETERS"]
 
 
@@ -43,7 +43,7 @@ class Profiles:
     grid_std: float
 
 
-def _core_bins(mean: np.ndarray, fraction: float) -> np.ndarray:
+def core_bins(mean: np.ndarray, fraction: float) -> np.ndarray:
     """Indices of the largest bins that together hold ``fraction`` of the sum."""
     order = np.argsort(mean)[::-1]
     cum = np.cumsum(mean[order]) / mean.sum()
@@ -126,7 +126,7 @@ def agreement(ref: Profiles, test: Profiles, core: float = 0.90, spread_tol: flo
     res = {"energy_gev": ref.energy_mev / 1000.0, "n_ref": ref.n}
     for name, rm, rse, tm in (("long", ref.long_mean, ref.long_se, test.long_mean),
                               ("rad", ref.rad_mean, ref.rad_se, test.rad_mean)):
-        bins = _core_bins(rm, core)
+        bins = core_bins(rm, core)
         rel = tm[bins] / rm[bins] - 1.0
         tol = np.maximum(0.05, z * rse[bins] / rm[bins])
         worst = int(np.argmax(np.abs(rel) / tol))
@@ -186,7 +186,7 @@ def fit(reference: dict[float, Profiles], sim: ShowerSimulator, free=FREE_PARAME
     x0 = np.clip(np.array([getattr(base, k) for k in free], dtype=np.float64), lower + 1e-9, upper - 1e-9)
     scale = np.maximum(np.abs(x0), 0.05)
     # every radial bin: the tail beyond the core sets the containment, which the criterion holds to 1%
-    masks = {e: (_core_bins(reference[e].long_mean, 0.95), np.arange(len(reference[e].rad_mean)))
+    masks = {e: (core_bins(reference[e].long_mean, 0.95), np.arange(len(reference[e].rad_mean)))
              for e in energies}
 
     def residuals(x):

@@ -235,18 +235,6 @@ class ShowerSimulator:
             out[sl], leak[sl] = self._simulate_batch(energies[sl], angles[sl], rng)
         return (out, leak) if return_leakage else out
 
-    def expected(self, energies_mev, angle_deg=90.0, seed=None, n_draws: int = 1):
-        """Expected fraction of E_inc per voxel, averaged over shower-to-shower fluctuations of the
-        profile parameters but not over spots: (N, n_voxels), plus the leaked fraction (N,).
-        Used by the calibration (smooth in the parameters for a fixed seed)."""
-        rng = np.random.default_rng(seed)
-        energies = np.repeat(np.atleast_1d(np.asarray(energies_mev, dtype=np.float64)), n_draws)
-        angles = np.broadcast_to(np.asarray(angle_deg, dtype=np.float64), energies.shape)
-        comps = self._components(energies, angles, rng)
-        frac_lr = sum((w / energies)[:, None] * c[0] for w, c, _ in comps)
-        out = sum(w / energies * c[1] for w, c, _ in comps)
-        return self.voxels_from_lr(frac_lr), out
-
     def voxels_from_lr(self, frac_lr):
         """(N, n_lr) fractions per (layer, r-bin) → (N, n_voxels), shared equally among alpha bins."""
         return frac_lr[:, self._lr_of_voxel] * self._alpha_share
@@ -263,7 +251,7 @@ class ShowerSimulator:
         vox = np.zeros((n, self.readout.n_voxels))
         leak = np.zeros(n)
         for weight, (frac_lr, frac_out), n_spot in comps:
-            frac_vox = self.voxels_from_lr(frac_lr) if frac_lr.shape[1] != vox.shape[1] else frac_lr
+            frac_vox = self.voxels_from_lr(frac_lr)
             # compound Poisson-gamma: spot counts, each spot of exponential energy
             lam_vox = frac_vox * n_spot[:, None]
             counts = rng.poisson(lam_vox)

@@ -43,7 +43,7 @@ def test_simulator_agrees_with_geant4(readout):
     e_fix, x_fix = read_calochallenge(FIXTURE)
     sim = ShowerSimulator(readout, "PbWO4", "e-")
     rng = np.random.default_rng(2024)
-    n_bins = sum(len(cal._core_bins(p.long_mean, 0.9)) + len(cal._core_bins(p.rad_mean, 0.9)) for p in ref.values())
+    n_bins = sum(len(cal.core_bins(p.long_mean, 0.9)) + len(cal.core_bins(p.rad_mean, 0.9)) for p in ref.values())
     z = float(norm.isf(0.01 / (2 * n_bins)))
     rows = []
     for e in sorted(ref):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from showers.calibrate import _core_bins
+from showers.calibrate import core_bins
 from showers.observables import energy_per_layer, energy_per_radial_bin
 from trainers.metrics import etot_chi2
 
@@ -22,7 +22,7 @@ def profile_differences(gen: np.ndarray, ref: np.ndarray, readout) -> dict:
     out = {}
     for name, fn in (("long", energy_per_layer), ("rad", energy_per_radial_bin)):
         g, r = fn(gen, readout).mean(0), fn(ref, readout).mean(0)
-        bins = _core_bins(r, 0.9)
+        bins = core_bins(r, 0.9)
         out[f"{name}_max_rel"] = float(np.max(np.abs(g[bins] / r[bins] - 1.0)))
     return out
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from showers.campaign import FASTCALOGAN_ENERGIES_MEV
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
 from zoo.base import ModelConfig, ShowerModel, build_variant
@@ -51,8 +52,8 @@ from zoo.base import ModelConfig, ShowerModel, build_variant
 __all__ = ["FastCaloGAN", "FastCaloGANConfig", "MLP", "for_region",
            "fastcalogan", "fastcalogan_pion", "fastcalogan_pbwo4"]
 
-#: Dataset 1's energy points: 256 MeV × 2^k, k = 0..14 (showers.campaign.FASTCALOGAN_ENERGIES_MEV)
-ENERGY_RANGE_MEV = (256.0, 256.0 * 2**14)
+#: the range of dataset 1's energy points, 256 MeV × 2^k, k = 0..14
+ENERGY_RANGE_MEV = (FASTCALOGAN_ENERGIES_MEV[0], FASTCALOGAN_ENERGIES_MEV[-1])
 
 _ACTIVATIONS = {
     "relu": F.relu,
