@@ -204,16 +204,27 @@ def _overrides(pairs) -> dict:
 @click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if the run folder has checkpoints.")
+@click.option("--campaign", default=None, help="MLflow experiment and registry prefix (default: the data's "
+              "'campaign' or 'detector' attribute, else the file name).")
+@click.option("--region", default=None, help="Detector region (default: the data's 'region' attribute, else 'all').")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True,
+              help="Track the run in MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option("--register", "do_register", is_flag=True,
+              help="Then select the best checkpoint, export it to ONNX, gate and register it (see `calozoo register`).")
 def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every, val_fraction, min_val_per_energy,
-          incremental_every, seed, device, bf16, sets, no_resume) -> None:
+          incremental_every, seed, device, bf16, sets, no_resume, campaign, region, use_mlflow, do_register) -> None:
     """Train one model on showers; resumes from the run folder's latest checkpoint."""
     import torch
 
     from showers.errors import ShowerDataError
+    from showers.formats import file_attrs
     from trainers.data import load_showers, split_validation
     from trainers.loop import TrainConfig
     from trainers.loop import train as run_training
     from zoo import create_model
+
+    if do_register and not use_mlflow:
+        raise click.UsageError("--register needs MLflow tracking (drop --no-mlflow)")
 
     try:
         data = load_showers(data_path, readout=readout)
@@ -228,13 +239,141 @@ def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every,
         out = Path(out_dir or f"out/train/{model_name}")
         click.echo(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                    f"{len(tr)} training and {len(va)} validation showers ({data.readout.name}) -> {out}")
-        result = run_training(model, tr, va, cfg, out, resume=not no_resume)
+        if use_mlflow:
+            from registry.training import train_tracked
+
+            first = Path(data_path) if Path(data_path).is_file() else sorted(Path(data_path).glob("*.h5"))[0]
+            attrs = file_attrs(first)
+            campaign = campaign or str(attrs.get("campaign") or attrs.get("detector") or first.stem)
+            region = region or str(attrs.get("region") or "all")
+            result, run = train_tracked(model, tr, va, cfg, out, campaign=campaign, region=region,
+                                        resume=not no_resume)
+        else:
+            result, run = run_training(model, tr, va, cfg, out, resume=not no_resume), None
     except (ShowerDataError, KeyError, ValueError, FloatingPointError) as exc:
         _fail(exc)
     best = result.best
     click.echo(f"done in {result.seconds:.0f} s; best checkpoint: iteration {best['iteration']} "
                f"(chi2 sum {best['metrics']['chi2_sum']:.1f}, chi2/ndf {best['metrics']['chi2_ndf']:.2f}, "
                f"separation power {best['metrics']['sep_power']:.3f}) in {out / 'checkpoints'}")
+    if run is not None:
+        left = run.pending()
+        where = f"MLflow run {run.name!r} ({run.run_id}) at {run.uri}"
+        click.echo(where if not left else f"{where}: {len(left)} operations not logged, kept in {run.pending_path}; "
+                   f"`calozoo mlflow-sync {out}` logs them")
+        if do_register:
+            _register(out, campaign, region)
+
+
+def _register(run_dir, campaign=None, region=None) -> None:
+    from registry.publish import ParityError, publish
+
+    try:
+        pub = publish(run_dir, campaign=campaign, region=region)
+    except (ParityError, FileNotFoundError) as exc:
+        _fail(exc)
+    what = "already registered as" if pub.existing else "registered"
+    click.echo(f"{what} {pub.name} v{pub.version} (iteration {pub.iteration}, chi2 sum "
+               f"{pub.metrics['chi2_sum']:.1f}); {pub.decision}" + (" -> @champion" if pub.champion else ""))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--campaign", default=None, help="Default: the campaign the run was tracked with.")
+@click.option("--region", default=None, help="Default: the region the run was tracked with.")
+def register(run_dir, campaign, region) -> None:
+    """Register a tracked run's best checkpoint: select it (FastCaloGAN's chi2 criterion), export it
+    to ONNX with its metadata, check ONNX Runtime against torch (1e-4), register it as
+    CAMPAIGN.FAMILY.REGION and make it @champion if it beats the current one."""
+    _register(run_dir, campaign, region)
+
+
+@main.command()
+@click.argument("ref", metavar="NAME[@ALIAS|@VERSION]")
+@click.option("--energies", required=True, help="Incident energies in GeV, comma-separated.")
+@click.option("-n", "--n-per-energy", default=1000, show_default=True)
+@click.option("--angle", type=float, default=None, help="Incident angle in degrees (models conditioned on it).")
+@click.option("--geometry", default=None, help="Geometry name (multi-geometry models).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=10_000, show_default=True)
+@click.option("--allow-extrapolation", is_flag=True, help="Allow conditions outside the trained range.")
+@click.option("--offline", is_flag=True, help="Use the local cache only.")
+@click.option("-o", "--out", "out_h5", required=True, help="CaloChallenge HDF5 file to write.")
+def generate(ref, energies, n_per_energy, angle, geometry, seed, batch_size, allow_extrapolation, offline,
+             out_h5) -> None:
+    """Generate showers with a registered model into a CaloChallenge HDF5 file (MeV)."""
+    import numpy as np
+
+    from registry.pull import RegistryError, pull
+    from showers.formats import CaloChallengeWriter
+
+    try:
+        gen = pull(ref, offline=offline)
+        e = np.repeat(np.asarray(_energies(energies)), n_per_energy)
+        showers = gen.generate(e, angle, geometry, seed=seed, batch_size=batch_size,
+                               allow_extrapolation=allow_extrapolation, progress=len(e) > batch_size)
+    except (RegistryError, ValueError) as exc:
+        _fail(exc)
+    attrs = {"readout": gen.readout, "generator": f"calozoo:{gen.name}@v{gen.version}", "model": gen.metadata.get("model"),
+             "seed": seed, "calozoo_version": __version__}
+    if angle is not None:
+        attrs["angle_deg"] = angle
+    if not np.all(np.isfinite(showers)):
+        _fail(ValueError(f"{gen.name} v{gen.version} produced non-finite voxel energies; nothing written"))
+    # validate=False: the unit heuristics of the reader (E_tot/E_inc < 2) are for data, and a model
+    # early in training may well put out ten times the incident energy; it should be written as it is.
+    with CaloChallengeWriter(out_h5, gen.n_voxels, attrs, validate=False) as w:
+        w.append(e, showers)
+    click.echo(f"{len(e)} showers from {gen.name} v{gen.version} ({gen.providers[0]}) -> {out_h5}")
+
+
+@main.command("mlflow")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0: the network).")
+@click.option("--port", default=5000, show_default=True)
+@click.option("--backend-store-uri", default=None, help="sqlite:///... or postgresql://... (default: ./mlflow.db).")
+@click.option("--artifacts-destination", default=None, help="Where artifacts are kept (default: ./mlartifacts).")
+def mlflow_server(host, port, backend_store_uri, artifacts_destination) -> None:
+    """Start an MLflow tracking server for a team (then: export MLFLOW_TRACKING_URI=http://HOST:PORT)."""
+    import os
+
+    from registry.server import server_command, server_env
+
+    cmd = server_command(backend_store_uri, artifacts_destination, host, port)
+    click.echo(" ".join(cmd))
+    os.execvpe(cmd[0], cmd, server_env())
+
+
+@main.command("mlflow-sync")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def mlflow_sync(run_dir) -> None:
+    """Log what a run could not log while its tracking server was away."""
+    from registry.tracking import flush_pending
+
+    left = flush_pending(run_dir)
+    if left:
+        _fail(RuntimeError(f"{left} operations still pending in {run_dir}: is the server up?"))
+    click.echo(f"{run_dir}: everything logged")
+
+
+@main.command()
+@click.option("--filter", "pattern", default=None, help="Only names containing this.")
+def models(pattern) -> None:
+    """List the registered models, their versions and champions."""
+    from registry.tracking import get_client, quick_http
+
+    client = get_client()
+    with quick_http():
+        found = client.search_registered_models(max_results=1000)
+    for m in sorted(found, key=lambda m: m.name):
+        if pattern and pattern not in m.name:
+            continue
+        aliases = dict(getattr(m, "aliases", {}) or {})
+        with quick_http():
+            versions = client.search_model_versions(f"name = '{m.name}'")
+        champ = aliases.get("champion")
+        metric = next((v.tags.get("val_chi2_sum") for v in versions if str(v.version) == str(champ)), None)
+        click.echo(f"{m.name:50s} {len(versions):3d} versions  champion: "
+                   + (f"v{champ} (val chi2 sum {float(metric):.4g})" if champ and metric else "none"))
 
 
 @main.command()

@@ -34,6 +34,18 @@ class ShowerData:
                        angle=None if self.angle is None else self.angle[idx],
                        geometry=None if self.geometry is None else self.geometry[idx])
 
+    def describe(self) -> dict:
+        """Provenance and ranges (what the registry records as the model's trained range)."""
+        d = {"source": self.source, "n_showers": int(len(self)), "readout": self.readout.name,
+             "energy_min_mev": float(self.energy.min()), "energy_max_mev": float(self.energy.max())}
+        if self.discrete:
+            d["energy_points_mev"] = [float(e) for e in energy_points(self.energy)]
+        if self.angle is not None:
+            d["angle_min_deg"], d["angle_max_deg"] = float(self.angle.min()), float(self.angle.max())
+        if self.geometry is not None:
+            d["geometries"] = sorted({str(g) for g in self.geometry})
+        return d
+
     @property
     def discrete(self) -> bool:
         """True if the incident energies are a few discrete points (as in FastCaloGAN or this

@@ -217,6 +217,7 @@ def train(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg:
         _set_rng_state(state["rng"], gen)
         start, history = int(state["iteration"]), list(state.get("history", []))
 
+    data_info = {"train": train_data.describe(), "validation": val_data.describe()}
     schedule = incremental_order(energy_points(train_data.energy)) if cfg.incremental_every else None
 
     def autocast():
@@ -245,7 +246,7 @@ def train(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg:
             state = {"family": model.family, "variant": model.variant, "config": model.config.to_dict(),
                      "model": model.state_dict(), "optimiser": step.state(), "iteration": done,
                      "rng": _rng_state(gen), "metrics": {k: float(v) for k, v in record.items()},
-                     "history": history, "train_config": _jsonable(asdict(cfg))}
+                     "history": history, "train_config": _jsonable(asdict(cfg)), "data": data_info}
             ckpts.save(state, done, record)
             last_metric = metrics["chi2_sum"]
             if log is not None:

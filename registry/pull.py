@@ -1,0 +1,307 @@
+"""Pulling registered models for inference: ONNX only, never pickles.
+
+``pull("NAME@champion")`` (an alias), ``pull("NAME@3")`` or ``pull("NAME/3")`` (a version), or
+``pull("NAME")`` (the champion) returns a :class:`ShowerGenerator` backed by an ONNX Runtime session
+(CUDA provider when available, else CPU). Pulled files are cached in ``$CALOZOO_CACHE`` (default
+``~/.cache/calozoo/models``) under the name and version, with their SHA-256; an alias seen once is
+remembered, so a second pull needs no server (offline: the remembered version; online: the alias is
+resolved again, which moves with the champion).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from registry.tracking import get_client, quick_http, tracking_uri
+
+__all__ = ["RegistryError", "ShowerGenerator", "cache_dir", "parse_ref", "pull"]
+
+log = logging.getLogger("calozoo.registry")
+
+
+class RegistryError(LookupError):
+    """A registered model, version, alias or artifact that cannot be had; the message says what exists."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CALOZOO_CACHE") or Path.home() / ".cache" / "calozoo" / "models")
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``NAME@alias`` / ``NAME@3`` / ``NAME/3`` / ``NAME`` → (name, alias, version)."""
+    ref = ref.strip()
+    if ref.startswith("models:/"):
+        ref = ref[len("models:/"):]
+    m = re.fullmatch(r"(.+?)(?:@([A-Za-z_][\w\-]*|v?\d+)|/(\d+))?", ref)
+    if not m or not m.group(1):
+        raise RegistryError(f"cannot read model reference {ref!r}: expected NAME, NAME@ALIAS or NAME@VERSION")
+    name, at, slash = m.groups()
+    if slash:
+        return name, None, slash
+    if at and re.fullmatch(r"v?\d+", at):
+        return name, None, at.lstrip("v")
+    return name, at or "champion", None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _known_models(client) -> str:
+    try:
+        names = sorted(m.name for m in client.search_registered_models(max_results=200))
+    except Exception:
+        return "(could not list them)"
+    if not names:
+        return "none (the registry is empty)"
+    return ", ".join(names[:30]) + (f" ... ({len(names)} in all)" if len(names) > 30 else "")
+
+
+def _resolve(client, name: str, alias: str | None, version: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            raise RegistryError(f"no registered model {name!r}; registered models: {_known_models(client)}") from None
+        raise
+    if alias is not None:
+        aliases = dict(getattr(model, "aliases", {}) or {})
+        if alias not in aliases:
+            known = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+            versions = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+            raise RegistryError(f"{name} has no alias @{alias}; its aliases: {known}; versions: "
+                                f"{', '.join(map(str, versions)) or 'none'}")
+        return str(aliases[alias])
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        versions = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+        raise RegistryError(f"{name} has no version {version}; versions: {', '.join(map(str, versions)) or 'none'}") \
+            from None
+    return str(version)
+
+
+def _download(client, name: str, version: str, dest: Path) -> Path:
+    """Fetch version ``version``'s ONNX file into ``dest`` (atomically); return the .onnx path."""
+    import mlflow.artifacts
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mv = client.get_model_version(name, version)
+    tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=dest.parent))
+    try:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                             dst_path=str(tmp), tracking_uri=client.tracking_uri))
+        except Exception as exc:
+            raise RegistryError(f"{name} v{version}: its artifact ({mv.source}) is missing or unreadable: "
+                                f"{_first_line(exc)}") from None
+        files = sorted(local.rglob("*.onnx"))
+        if not files:
+            raise RegistryError(f"{name} v{version}: its artifact ({mv.source}) is missing or unreadable: "
+                                "no .onnx file in it")
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        onnx_file = dest / "model.onnx"
+        shutil.move(str(files[0]), onnx_file)
+        (dest / "meta.json").write_text(json.dumps({"name": name, "version": version, "source": mv.source,
+                                                    "sha256": _sha256(onnx_file)}, indent=1))
+        return onnx_file
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached(dest: Path) -> Path | None:
+    meta, onnx_file = dest / "meta.json", dest / "model.onnx"
+    if not (meta.exists() and onnx_file.exists()):
+        return None
+    if json.loads(meta.read_text()).get("sha256") != _sha256(onnx_file):
+        log.warning("%s: cached model does not match its checksum; pulling it again", onnx_file)
+        return None
+    return onnx_file
+
+
+def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=None) -> ShowerGenerator:
+    """A :class:`ShowerGenerator` for a registered model (see the module docstring)."""
+    name, alias, version = parse_ref(ref)
+    root = cache_dir() / re.sub(r"[^\w.\-]+", "_", name)
+    aliases_file = root / "aliases.json"
+    remembered = json.loads(aliases_file.read_text()) if aliases_file.exists() else {}
+    client = None
+    if version is not None and _cached(root / f"v{version}") is not None:
+        pass  # a pinned version is immutable: the cache is enough
+    elif offline:
+        if alias is not None:
+            if alias not in remembered:
+                raise RegistryError(f"offline and @{alias} of {name} was never pulled here "
+                                    f"(cache: {root}); pull it once online")
+            version = remembered[alias]
+    else:
+        client = get_client(uri)
+        try:
+            with quick_http(retries=0, timeout=5):
+                version = _resolve(client, name, alias, version)
+        except RegistryError:
+            raise
+        except Exception as exc:
+            fallback = remembered.get(alias) if alias else version
+            if fallback is None or _cached(root / f"v{fallback}") is None:
+                raise RegistryError(f"cannot reach the registry at {tracking_uri(uri)} ({_first_line(exc)}) and "
+                                    f"{ref} is not in the cache {root}") from None
+            log.warning("registry at %s unreachable (%s): using the cached %s v%s", tracking_uri(uri),
+                        _first_line(exc), name, fallback)
+            version, client = fallback, None
+        if alias is not None and client is not None:
+            root.mkdir(parents=True, exist_ok=True)
+            remembered[alias] = version
+            tmp = aliases_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(remembered, indent=1))
+            os.replace(tmp, aliases_file)
+    dest = root / f"v{version}"
+    onnx_file = _cached(dest)
+    if onnx_file is None:
+        if client is None:
+            raise RegistryError(f"{name} v{version} is not in the cache {root} and the registry is not reachable")
+        root.mkdir(parents=True, exist_ok=True)
+        with quick_http(retries=1, timeout=60):
+            onnx_file = _download(client, name, version, dest)
+    return ShowerGenerator(onnx_file, name=name, version=str(version), providers=providers)
+
+
+class ShowerGenerator:
+    """Generate showers with an exported calozoo model (an ONNX file with calozoo metadata).
+
+    Attributes: ``name``, ``version``, ``metadata`` (decoded metadata_props), ``readout``,
+    ``n_voxels``, ``noise_dim``, ``condition_spec``, ``trained_range``.
+    """
+
+    def __init__(self, path, *, name: str = "", version: str = "", providers=None):
+        import onnx
+        import onnxruntime as ort
+
+        from showers.readout import Readout
+        from showers.transforms import ConditionSpec
+
+        self.path = Path(path)
+        try:
+            proto = onnx.load(str(self.path), load_external_data=False)
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if providers is None:
+                available = ort.get_available_providers()
+                providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:
+            raise RegistryError(f"{self.path}: not a readable ONNX model ({_first_line(exc)}); delete it to pull "
+                                "it again") from None
+        meta = {}
+        for p in proto.metadata_props:
+            try:
+                meta[p.key] = json.loads(p.value)
+            except json.JSONDecodeError:
+                meta[p.key] = p.value
+        missing = {"noise_dim", "n_voxels", "conditions", "readout"} - set(meta)
+        if missing:
+            raise RegistryError(f"{self.path}: not a calozoo model (metadata lacks {sorted(missing)})")
+        self.metadata = meta
+        self.name = name or meta.get("registered_name", self.path.stem)
+        self.version = version
+        self.readout = Readout.from_dict(meta["readout"])
+        self.n_voxels, self.noise_dim = int(meta["n_voxels"]), int(meta["noise_dim"])
+        self.condition_spec = ConditionSpec.from_dict(meta["conditions"])
+        self.trained_range = meta.get("trained_range", {})
+        self.providers = self.session.get_providers()
+
+    def __repr__(self) -> str:
+        lo, hi = self.trained_range.get("energy_mev", (float("nan"), float("nan")))
+        return (f"ShowerGenerator({self.name!r} v{self.version}, {self.metadata.get('model')}, {self.n_voxels} voxels, "
+                f"trained {lo / 1e3:g}-{hi / 1e3:g} GeV, {self.providers[0]})")
+
+    def _check_range(self, values: np.ndarray, key: str, unit: str, scale: float, allow: bool) -> None:
+        if key not in self.trained_range or allow:
+            return
+        lo, hi = self.trained_range[key]
+        tol = 1e-6 * max(abs(lo), abs(hi), 1.0)
+        bad = (values < lo - tol) | (values > hi + tol)
+        if bad.any():
+            raise ValueError(f"{self.name} v{self.version}: {key.split('_')[0]} {values[bad].min() / scale:g}-"
+                             f"{values[bad].max() / scale:g} {unit} outside the trained range {lo / scale:g}-"
+                             f"{hi / scale:g} {unit}; pass allow_extrapolation=True (--allow-extrapolation) to "
+                             "extrapolate")
+
+    def encode(self, energy_mev, angle_deg=None, geometry=None, allow_extrapolation: bool = False) -> np.ndarray:
+        """Encoded conditions (N, n_cond) float32, refusing conditions outside the trained range."""
+        from showers.transforms import encode_conditions
+
+        spec = self.condition_spec
+        energy = np.asarray(energy_mev, dtype=np.float64).ravel()
+        if energy.size == 0 or not np.all(np.isfinite(energy)) or not np.all(energy > 0):
+            raise ValueError("incident energies must be finite and > 0 MeV")
+        self._check_range(energy, "energy_mev", "GeV", 1e3, allow_extrapolation)
+        if spec.use_angle:
+            if angle_deg is None:
+                lo, hi = self.trained_range.get("angle_deg", (None, None))
+                if lo is None or lo != hi:
+                    raise ValueError(f"{self.name} is conditioned on the angle: give angle_deg")
+                angle_deg = lo
+            angle = np.broadcast_to(np.asarray(angle_deg, dtype=np.float64).ravel(), energy.shape).copy()
+            self._check_range(angle, "angle_deg", "deg", 1.0, allow_extrapolation)
+        else:
+            angle = None
+        if spec.geometries:
+            if geometry is None:
+                if len(spec.geometries) != 1:
+                    raise ValueError(f"{self.name} is conditioned on the geometry: give one of {list(spec.geometries)}")
+                geometry = spec.geometries[0]
+            geometry = [geometry] * energy.size if isinstance(geometry, str) else list(geometry)
+            unknown = sorted(set(geometry) - set(spec.geometries))
+            if unknown:
+                raise ValueError(f"{self.name}: unknown geometry {unknown}; known: {list(spec.geometries)}")
+        else:
+            geometry = None
+        return np.asarray(encode_conditions(energy, angle, geometry, spec=spec), dtype=np.float32)
+
+    def generate(self, energy_mev, angle_deg=None, geometry=None, *, seed: int | None = 0, noise=None,
+                 batch_size: int = 10_000, allow_extrapolation: bool = False, progress: bool = False) -> np.ndarray:
+        """Showers (N, n_voxels) float32 in MeV per voxel (the model's readout, CaloChallenge order)
+        for incident energies ``energy_mev`` (N,) MeV (and angles, geometries when the model has them).
+
+        seed: the noise is drawn from ``numpy.random.default_rng(seed)`` (the same showers for the
+        same seed, whatever the batch size); or give ``noise`` (N, noise_dim) yourself.
+        """
+        cond = self.encode(energy_mev, angle_deg, geometry, allow_extrapolation)
+        n = len(cond)
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != (n, self.noise_dim):
+                raise ValueError(f"noise must have shape {(n, self.noise_dim)}, got {noise.shape}")
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, self.n_voxels), dtype=np.float32)
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, n, batch_size), desc=self.name, unit="batch", disable=not progress):
+            stop = min(start + batch_size, n)
+            z = noise[start:stop] if noise is not None else rng.standard_normal((stop - start, self.noise_dim),
+                                                                                dtype=np.float32)
+            out[start:stop] = self.session.run(["showers"], {"noise": z, "conditions": cond[start:stop]})[0]
+        return out

@@ -1,0 +1,121 @@
+"""The registry against a real `mlflow server` process on loopback: the whole chain, the MLflow UI in
+headless Chromium, and a training that outlives its tracking server."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from registry import publish, pull, train_tracked
+from registry.server import start_server, stop_server
+from registry.tracking import TrackedRun, flush_pending, get_client
+from trainers.checkpoint import CheckpointManager, load_checkpoint
+from trainers.loop import TrainConfig, train
+from zoo import model_from_checkpoint
+from zoo.export import relative_difference
+
+from .test_registry import split, tiny_gan  # noqa: F401 (a fixture)
+
+ARTIFACTS = Path(os.environ.get("CALOZOO_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = start_server(f"sqlite:///{root / 'mlflow.db'}", str(root / "mlartifacts"), port,
+                        log_path=root / "server.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def published(server, split, tmp_path_factory):  # noqa: F811
+    os.environ["CALOZOO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    run_dir = tmp_path_factory.mktemp("run")
+    tr, va = split
+    cfg = TrainConfig(iterations=20, checkpoint_every=10, progress=False)
+    _, run = train_tracked(tiny_gan(0), tr, va, cfg, run_dir, campaign="server", region="r0", uri=server)
+    assert run.ok
+    return publish(run_dir), run_dir
+
+
+def test_chain_against_a_server(server, published):
+    pub, run_dir = published
+    assert pub.champion and pub.parity["max_rel_diff"] <= 1e-4
+    client = get_client(server)
+    assert str(client.get_model_version_by_alias(pub.name, "champion").version) == pub.version
+    gen = pull(f"{pub.name}@champion", uri=server)
+    energies = np.array([4000.0, 16000.0, 64000.0] * 4)
+    noise = np.random.default_rng(0).standard_normal((len(energies), gen.noise_dim), dtype=np.float32)
+    best = CheckpointManager(run_dir / "checkpoints").best()
+    model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / best["file"])).eval()
+    expected = model.sample(energies, noise=torch.from_numpy(noise)).numpy()
+    assert relative_difference(gen.generate(energies, noise=noise), expected) <= 1e-4
+
+
+def chromium(url: str, *args, profile: Path) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--window-size=1400,900", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CALOZOO_REQUIRE_BROWSER"),
+                    reason="no chromium (apt-get install chromium; .ci/run installs it and requires this test)")
+def test_mlflow_ui_shows_the_champion(server, published, tmp_path):
+    assert CHROMIUM, "CALOZOO_REQUIRE_BROWSER is set but chromium is not installed"
+    pub, _ = published
+    url = f"{server}/#/models/{pub.name}"
+    dom = chromium(url, "--dump-dom", profile=tmp_path / "p1")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "mlflow-registered-model.html").write_text(dom.stdout)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
+    assert pub.name in text, dom.stderr[-2000:]
+    assert re.search(r"@ ?champion", text), "the champion alias is not on the registered model's page"
+    png = ARTIFACTS / "mlflow-registered-model.png"
+    png.unlink(missing_ok=True)
+    chromium(url, f"--screenshot={png}", profile=tmp_path / "p2")
+    assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_training_outlives_its_tracking_server(split, tmp_path):  # noqa: F811
+    db, arts, port = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "mlartifacts"), free_port()
+    uri = f"http://127.0.0.1:{port}"
+    proc = start_server(db, arts, port)
+    try:
+        run = TrackedRun("fastcalogan/r0", "outage", tmp_path / "run", params={"lr": 1e-3}, uri=uri, retry_after=0.0)
+        assert run.ok
+
+        def log(record, iteration):
+            run.log_metrics(record, iteration)
+            if iteration == 10:
+                stop_server(proc)  # the server goes away mid-training
+
+        tr, va = split
+        result = train(tiny_gan(0), tr, va, TrainConfig(iterations=30, checkpoint_every=10, progress=False),
+                       tmp_path / "run", log=log)
+        assert result.iteration == 30 and len(result.history) == 3
+        left = run.finish()
+        assert [op["op"] for op in left] == ["metrics", "metrics", "finish"] and run.failures >= 3
+
+        proc = start_server(db, arts, port)  # back, on the same store
+        assert flush_pending(tmp_path / "run") == 0
+        client = get_client(uri)
+        assert [m.step for m in client.get_metric_history(run.run_id, "chi2_sum")] == [10, 20, 30]
+        assert client.get_run(run.run_id).info.status == "FINISHED"
+    finally:
+        stop_server(proc)
