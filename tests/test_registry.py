@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from calozoo.cli import main
 from registry import ParityError, RegistryError, publish, pull, train_tracked
 from registry.publish import parity_gate
-from registry.tracking import get_client
+from registry.tracking import TrackedRun, get_client
 from showers.detector import get_detector
 from showers.formats import read_calochallenge
 from trainers.checkpoint import CheckpointManager, load_checkpoint
@@ -229,3 +229,20 @@ def test_cli_train_register_generate(split, store, tmp_path, monkeypatch):
     assert res.exit_code != 0 and "registered models: cli.fastcalogan.barrel-1" in res.output
     res = runner.invoke(main, ["models"])
     assert res.exit_code == 0 and "cli.fastcalogan.barrel-1" in res.output and "champion: v1" in res.output
+
+
+def test_fleet_or_sweep_runs_are_children_of_a_parent(store, tmp_path):
+    parent = TrackedRun("fleet/fastcalogan", "nesting", tmp_path / "parent", uri=store)
+    child = TrackedRun("fastcalogan/r7", "nesting", tmp_path / "child", uri=store, parent_run_id=parent.run_id,
+                       params={"config": {"latent_dim": 50, "widths": [50, 100]}})
+    child.log_metrics({"chi2_sum": 3.0, "iteration": 10}, 10)
+    assert child.finish() == [] and parent.finish() == []
+    client = get_client(store)
+    run = client.get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.params == {"config.latent_dim": "50", "config.widths": "[50, 100]"}
+    assert "iteration" not in run.data.metrics and run.data.metrics["chi2_sum"] == 3.0
+    # a resumed run (same folder, same name) logs into the same MLflow run
+    again = TrackedRun("fastcalogan/r7", "nesting", tmp_path / "child", uri=store, parent_run_id=parent.run_id)
+    assert again.run_id == child.run_id
+    again.finish()

@@ -28,7 +28,7 @@ from trainers.data import ShowerData, energy_points
 from trainers.metrics import etot_chi2
 from zoo.base import ShowerModel
 
-__all__ = ["TrainConfig", "TrainResult", "train", "incremental_order"]
+__all__ = ["TrainConfig", "TrainResult", "checkpoint_state", "incremental_order", "train", "validate"]
 
 
 @dataclass
@@ -243,10 +243,8 @@ def train(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg:
             model.train()
             record = {"iteration": done, **losses, **{k: v for k, v in metrics.items() if k != "per_energy"}}
             history.append(record)
-            state = {"family": model.family, "variant": model.variant, "config": model.config.to_dict(),
-                     "model": model.state_dict(), "optimiser": step.state(), "iteration": done,
-                     "rng": _rng_state(gen), "metrics": {k: float(v) for k, v in record.items()},
-                     "history": history, "train_config": _jsonable(asdict(cfg)), "data": data_info}
+            state = checkpoint_state(model, model.state_dict(), step.state(), done, _rng_state(gen), record,
+                                     history, cfg, data_info)
             ckpts.save(state, done, record)
             last_metric = metrics["chi2_sum"]
             if log is not None:
@@ -259,6 +257,15 @@ def train(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg:
             bar.set_postfix(shown, refresh=False)
     bar.close()
     return TrainResult(max(cfg.iterations, start), ckpts.best(), ckpts.files(), history, time.perf_counter() - t0)
+
+
+def checkpoint_state(model: ShowerModel, model_state: dict, optimiser: dict, iteration: int, rng: dict, record: dict,
+                     history: list, cfg: TrainConfig, data_info: dict) -> dict:
+    """A checkpoint: everything to rebuild the model alone and to resume its training exactly."""
+    return {"family": model.family, "variant": model.variant, "config": model.config.to_dict(),
+            "model": model_state, "optimiser": optimiser, "iteration": int(iteration), "rng": rng,
+            "metrics": {k: float(v) for k, v in record.items()}, "history": history,
+            "train_config": _jsonable(asdict(cfg)), "data": data_info}
 
 
 def _jsonable(d: dict) -> dict:
