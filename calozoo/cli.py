@@ -377,6 +377,57 @@ def models(pattern) -> None:
 
 
 @main.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Campaign folder: one <region>.h5 per region (calozoo simulate writes one).")
+@click.option("--regions", "patterns", multiple=True, help="Region name or glob (repeatable; default: all).")
+@click.option("-o", "--out", "out_dir", default=None, help="Fleet folder on shared storage (default: out/fleet/MODEL).")
+@click.option("--workers", default=2, show_default=True, help="Ray Train workers (one GPU each with --gpu).")
+@click.option("--gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--address", default=None, help="Ray cluster address (default: a local Ray, or RAY_ADDRESS).")
+@click.option("--iterations", default=2000, show_default=True)
+@click.option("--checkpoint-every", default=500, show_default=True)
+@click.option("--incremental-every", type=int, default=None, help="FastCaloGAN's incremental schedule.")
+@click.option("--bank-size", default=64, show_default=True, help="At most this many regions per bank.")
+@click.option("--min-val-per-energy", default=100, show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA.")
+@click.option("--max-failures", default=3, show_default=True, help="Worker failures to recover from.")
+@click.option("--campaign", default=None, help="MLflow experiment (default: the data folder's name).")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
+@click.option("--register", "do_register", is_flag=True, help="Then register every region's best checkpoint.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
+@click.option("--seed", default=0, show_default=True)
+def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterations, checkpoint_every,
+          incremental_every, bank_size, min_val_per_energy, bf16, max_failures, campaign, use_mlflow, do_register, sets,
+          seed) -> None:
+    """Train one MODEL per detector region on Ray Train workers, as weight-stacked banks."""
+    from trainers.fleet import FleetConfig, list_regions, run_fleet
+
+    try:
+        regions = list_regions(data_dir, patterns or None)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    cfg = FleetConfig(model=model_name, data_dir=data_dir, out_dir=out_dir or f"out/fleet/{model_name}",
+                      regions=regions, bank_size=bank_size, min_val_per_energy=min_val_per_energy, seed=seed,
+                      campaign=campaign or Path(data_dir).resolve().name, tracking=use_mlflow,
+                      overrides=_overrides(sets),
+                      train={"iterations": iterations, "checkpoint_every": checkpoint_every, "seed": seed,
+                             "incremental_every": incremental_every, "bf16": bf16, "progress": False})
+    click.echo(f"fleet of {len(regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")
+    summary = run_fleet(cfg, num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures)
+    done = {r: b for r, b in summary["regions"].items() if b}
+    click.echo(f"{len(done)}/{len(regions)} regions trained in {summary['seconds']:.0f} s")
+    for r, b in sorted(done.items()):
+        click.echo(f"  {r:24s} best iteration {b['iteration']:7d}  chi2 sum {b['metrics']['chi2_sum']:9.2f}")
+    missing = sorted(set(regions) - set(done))
+    if missing:
+        _fail(RuntimeError(f"{len(missing)} regions have no checkpoint: {', '.join(missing[:10])}"))
+    if do_register:
+        for r in sorted(done):
+            _register(Path(cfg.out_dir) / r)
+
+
+@main.command()
 @click.option("-o", "--out", "out_dir", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("-n", "--n-per-energy", default=300, show_default=True)
 @click.option("--no-ray", is_flag=True, help="Do not start Ray (regions one after the other).")

@@ -602,8 +602,8 @@ def train_bank(models: list[ShowerModel], train_data: list[ShowerData], val_data
     The checkpoints are the single-model trainer's (``trainers.loop``): any of them rebuilds its
     model alone, and with ``rng="per_model"`` it resumes exactly under either trainer. Each model
     resumes from its own latest checkpoint; the bank starts at the earliest of them (a model that was
-    checkpointed further, by a crash in the middle of a save round, trains on with the others and
-    records its own iteration count).
+    checkpointed further, by a crash in the middle of a save round, waits: the others catch up first,
+    as a bank of their own, and then all go on together).
 
     log: called as ``log(i, record, iteration)`` after each of model i's checkpoints.
     Returns one ``trainers.loop.TrainResult`` per model.
@@ -643,6 +643,22 @@ def train_bank(models: list[ShowerModel], train_data: list[ShowerData], val_data
         bank.load_optimiser_state(i, state["optimiser"])
         bank.set_rng_state(i, state["rng"])
         iters[i], histories[i] = int(state["iteration"]), list(state.get("history", []))
+    top = min(max(iters), cfg.iterations)
+    behind = [i for i in range(k) if iters[i] < top]
+    if resume and behind and len(behind) < k:
+        # A crash in the middle of a save round leaves some models one checkpoint ahead: bring the
+        # others up to them first (a bank of just those), then go on together.
+        import dataclasses
+
+        def sub_log(j, record, iteration):
+            if log is not None:
+                log(behind[j], record, iteration)
+
+        train_bank([models[i] for i in behind], [train_data[i] for i in behind], [val_data[i] for i in behind],
+                   dataclasses.replace(cfg, iterations=top), [run_dirs[i] for i in behind], rng=rng,
+                   seeds=[seeds[i] for i in behind], resume=True, log=sub_log, names=[names[i] for i in behind])
+        return train_bank(models, train_data, val_data, cfg, run_dirs, rng=rng, seeds=seeds, resume=True, log=log,
+                          names=names)
     start = min(iters)
     data_info = [{"train": t.describe(), "validation": v.describe()} for t, v in zip(train_data, val_data)]
     schedules = ([incremental_order(energy_points(t.energy)) for t in train_data]
@@ -653,11 +669,9 @@ def train_bank(models: list[ShowerModel], train_data: list[ShowerData], val_data
 
     bar = tqdm(total=cfg.iterations, initial=start, desc=f"bank of {k} {models[0].family}", unit="it",
                disable=not cfg.progress)
-    offsets = [it - start for it in iters]
     for step_i in range(start, cfg.iterations):
         if schedules is not None and (step_i == start or step_i % cfg.incremental_every == 0):
-            bank.restrict([s[: min(1 + (step_i + off) // cfg.incremental_every, len(s))]
-                           for s, off in zip(schedules, offsets)])
+            bank.restrict([s[: min(1 + step_i // cfg.incremental_every, len(s))] for s in schedules])
         losses = bank.step(autocast)
         done = step_i + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
@@ -670,15 +684,14 @@ def train_bank(models: list[ShowerModel], train_data: list[ShowerData], val_data
                 model.eval()
                 metrics, _ = validate(model, val_data[i], cfg.n_val_max)
                 model.train()
-                own = done + offsets[i]
-                record = {"iteration": own, **{n: float(v[i]) for n, v in values.items()},
+                record = {"iteration": done, **{n: float(v[i]) for n, v in values.items()},
                           **{n: v for n, v in metrics.items() if n != "per_energy"}}
                 histories[i].append(record)
-                state = checkpoint_state(model, bank.model_state(i), bank.optimiser_state(i), own,
+                state = checkpoint_state(model, bank.model_state(i), bank.optimiser_state(i), done,
                                          bank.rng_state(i), record, histories[i], cfg, data_info[i])
-                managers[i].save(state, own, record)
+                managers[i].save(state, done, record)
                 if log is not None:
-                    log(i, record, own)
+                    log(i, record, done)
             bar.set_postfix({"regions": k, **{n: f"{float(v.mean()):.3g}" for n, v in list(values.items())[:2]}},
                             refresh=False)
         bar.update(1)

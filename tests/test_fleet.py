@@ -1,0 +1,146 @@
+"""The fleet on a real local Ray runtime: a 2-worker fleet of a few regions, with one worker process
+killed mid-run (every region finishes, and the killed worker's regions resumed from their
+checkpoints instead of restarting); the same on a simulated two-node cluster with a node removed."""
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from showers.campaign import CampaignSpec, run_campaign
+from showers.detector import get_detector
+from trainers.checkpoint import CheckpointManager
+from trainers.fleet import FleetConfig, assign_regions, list_regions, run_fleet
+
+ITERATIONS, EVERY = 40, 10
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    out = tmp_path_factory.mktemp("campaign")
+    regions = get_detector("atlas-like").select(["photon_eta_020_025", "photon_eta_100_105", "pion_eta_020_025",
+                                                 "electron_eta_200_205"])
+    run_campaign(regions, out, CampaignSpec((8192.0, 65536.0), 60, seed=3), use_ray=False, progress=False)
+    return out
+
+
+def fleet_config(data_dir, out, **kw) -> FleetConfig:
+    return FleetConfig(model="fastcalogan", data_dir=str(data_dir), out_dir=str(out),
+                       regions=list_regions(data_dir), min_val_per_energy=15, bank_size=2, plots=False,
+                       train={"iterations": ITERATIONS, "checkpoint_every": EVERY, "progress": False, "n_val_max": 50},
+                       overrides={"batch_size": 16, "n_critic": 2, "learning_rate": 1e-3}, **kw)
+
+
+def test_assign_regions_balances_cost():
+    costs = {"a": 10, "b": 9, "c": 5, "d": 4, "e": 1}
+    shares = assign_regions(costs, 2)
+    loads = sorted(sum(costs[r] for r in s) for s in shares)
+    assert loads == [14, 15] and sorted(sum(shares, [])) == sorted(costs)
+
+
+def starts(run_dir: Path) -> list[int]:
+    text = (run_dir / "fleet.log").read_text()
+    return [int(m) for m in re.findall(r"start iteration=(\d+)", text)]
+
+
+def kill_when_checkpointed(out: Path, regions, kill, timeout=300.0):
+    """Once every region has a checkpoint, kill worker 1 (the process, or its node)."""
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [r for r in regions if CheckpointManager(out / r / "checkpoints").latest() is not None]
+            if len(done) == len(regions):
+                kill()
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def assert_all_finished_and_resumed(out: Path, regions):
+    """Every region reached the last iteration with at most 5 checkpoint files, started from scratch
+    once, and after the failure (which came once every region had a checkpoint) resumed from one."""
+    for r in regions:
+        latest = CheckpointManager(out / r / "checkpoints").latest()
+        assert latest is not None and latest.name == f"ckpt-{ITERATIONS:09d}.pt", r
+        assert len(list((out / r / "checkpoints").glob("*.pt"))) <= 5
+        s = starts(out / r)
+        assert s[0] == 0 and len(s) >= 2 and all(x > 0 for x in s[1:]), f"{r} did not resume: starts {s}"
+        assert s == sorted(s), f"{r} went back: starts {s}"
+
+
+@pytest.mark.timeout(600)
+def test_fleet_survives_a_killed_worker(campaign, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "fleet"
+    cfg = fleet_config(campaign, out, campaign="fleet-test")
+
+    def kill():
+        pid_file = out / "_workers" / "rank1.pid"
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        watcher = kill_when_checkpointed(out, cfg.regions, kill)
+        summary = run_fleet(cfg, num_workers=2, max_failures=2)
+        watcher.join(1)
+    finally:
+        ray.shutdown()
+    shares = summary["shares"]
+    assert sorted(sum(shares, [])) == sorted(cfg.regions)
+    assert_all_finished_and_resumed(out, cfg.regions)
+    # every region's MLflow run is a child of the fleet's
+    from registry.tracking import get_client
+
+    client = get_client(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("fleet-test")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_name == "fleet/fastcalogan"]
+    assert len(parent) == 1
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert children == {f"fastcalogan/{r}" for r in cfg.regions}
+
+
+@pytest.mark.timeout(600)
+def test_fleet_survives_losing_a_node(campaign, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # a head that trains nothing and three one-CPU nodes for two workers: the spare takes the place
+    # of the node that goes (an autoscaler's replacement; Cluster.add_node needs the main thread)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    out = tmp_path / "fleet"
+    cfg = fleet_config(campaign, out, tracking=False)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+
+        def kill():
+            node_id = (out / "_workers" / "rank1.node").read_text()
+            victim = next(n for n in nodes if n.node_id == node_id)
+            cluster.remove_node(victim)
+
+        watcher = kill_when_checkpointed(out, cfg.regions, kill)
+        summary = run_fleet(cfg, num_workers=2, max_failures=2, address=cluster.address)
+        watcher.join(1)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert sorted(sum(summary["shares"], [])) == sorted(cfg.regions)
+    assert_all_finished_and_resumed(out, cfg.regions)
+
+
+def test_list_regions_filters(campaign):
+    assert list_regions(campaign, ["photon_*"]) == ["photon_eta_020_025", "photon_eta_100_105"]
+    with pytest.raises(ValueError, match="no region"):
+        list_regions(campaign, ["nothing*"])
+    assert np.all([r.endswith(("025", "105", "205")) for r in list_regions(campaign)])
