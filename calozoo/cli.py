@@ -397,9 +397,12 @@ def models(pattern) -> None:
 @click.option("--register", "do_register", is_flag=True, help="Then register every region's best checkpoint.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="A validation plot per region.")
+@click.option("--init", "init_checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Start every region from this checkpoint (a Reptile meta-initialisation): a meta-adapted fleet.")
 def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterations, checkpoint_every,
           incremental_every, bank_size, min_val_per_energy, bf16, max_failures, campaign, use_mlflow, do_register, sets,
-          seed) -> None:
+          seed, plots, init_checkpoint) -> None:
     """Train one MODEL per detector region on Ray Train workers, as weight-stacked banks."""
     from trainers.fleet import FleetConfig, list_regions, run_fleet
 
@@ -410,7 +413,8 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterat
     cfg = FleetConfig(model=model_name, data_dir=data_dir, out_dir=out_dir or f"out/fleet/{model_name}",
                       regions=regions, bank_size=bank_size, min_val_per_energy=min_val_per_energy, seed=seed,
                       campaign=campaign or Path(data_dir).resolve().name, tracking=use_mlflow,
-                      overrides=_overrides(sets),
+                      overrides=_overrides(sets), plots=plots,
+                      init_checkpoint=str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
                       train={"iterations": iterations, "checkpoint_every": checkpoint_every, "seed": seed,
                              "incremental_every": incremental_every, "bf16": bf16, "progress": False})
     click.echo(f"fleet of {len(regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")

@@ -24,7 +24,7 @@ from showers import observables as obs
 from showers.errors import ShowerDataError
 from showers.readout import Readout, get_readout, list_readouts
 
-__all__ = ["energy_groups", "format_energy", "plot_file", "resolve_readout"]
+__all__ = ["energy_groups", "format_energy", "plot_file", "resolve_readout", "style_panels", "three_panels", "energy_colours"]
 
 #: At most this many distinct incident energies are drawn one line each; more means a continuous
 #: spectrum, which is cut into log-spaced ranges instead.
@@ -134,6 +134,40 @@ def _log_range(ax, drawn: list[np.ndarray], decades: float = 6.0) -> None:
         ax.set_ylim(max(pos.min(), top * 10.0**-decades) / 2, top * 2)
 
 
+def energy_colours(n: int) -> list:
+    """One colour per energy group: viridis up to yellow-green only (its last colours are
+    unreadable on white)."""
+    return [matplotlib.colormaps["viridis"](v) for v in np.linspace(0.0, 0.85, max(n, 1))]
+
+
+def three_panels():
+    """A figure (Agg canvas, no pyplot) with the longitudinal, radial and E_tot/E_inc panels."""
+    fig = Figure(figsize=(24, 8.5))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, 3)
+
+
+def style_panels(ax_long, ax_rad, ax_e, depth_edges, depth_label: str, r_edges, drawn_long, drawn_rad) -> None:
+    """Labels, ranges and scales of the three panels (longitudinal, radial, E_tot/E_inc) shared by
+    this module's quick look and ``validate.plots``' comparison."""
+    ax_long.set_xlabel(depth_label)
+    ax_long.set_ylabel("fraction of energy per layer")
+    ax_rad.set_xlabel("r [mm]")
+    ax_rad.set_ylabel(r"$\frac{1}{E}\,\frac{dE}{dr}$ [1/mm]")
+    ax_e.set_xlabel(r"$E_\mathrm{tot} / E_\mathrm{inc}$")
+    ax_e.set_ylabel("normalised to unit area")
+    # Profiles span decades, hence log y; the E_tot/E_inc peaks are compared on a linear one.
+    _log_range(ax_long, drawn_long)
+    _log_range(ax_rad, drawn_rad)
+    ax_e.set_ylim(0, None)
+    ax_long.set_xlim(depth_edges[0], depth_edges[-1])
+    ax_rad.set_xlim(r_edges[0], r_edges[-1])
+    if r_edges[-1] / r_edges[1] > 100:
+        # Irregular readouts (CaloChallenge dataset 1) reach from 2 mm to 2 m: only a log axis
+        # shows both the core and the halo.
+        ax_rad.set_xscale("symlog", linthresh=r_edges[1])
+
+
 def _etot_bins(ratios: np.ndarray, smallest_group: int) -> np.ndarray:
     # The CaloChallenge's fixed 0.5-1.5 range hides the shape of a narrow peak (a homogeneous
     # calorimeter sits near 0.95); the central 99 % of the data, padded, shows it and its tails.
@@ -167,13 +201,10 @@ def plot_file(path, out_png, readout=None, max_showers: int = 20000) -> Path:
     r_edges = readout.r_edges_union
     ratios = obs.etot_over_einc(showers, readout, incident)
     e_bins = _etot_bins(ratios, min(int(mask.sum()) for _, mask in groups))
-    # viridis up to yellow-green only: its last colours are unreadable on white.
-    colours = [matplotlib.colormaps["viridis"](v) for v in np.linspace(0.0, 0.85, max(len(groups), 1))]
+    colours = energy_colours(len(groups))
 
     with matplotlib.style.context(mplhep.style.ROOT):
-        fig = Figure(figsize=(24, 8.5))
-        FigureCanvasAgg(fig)
-        ax_long, ax_rad, ax_e = fig.subplots(1, 3)
+        fig, (ax_long, ax_rad, ax_e) = three_panels()
         drawn_long, drawn_rad = [], []
         for (label, mask), colour in zip(groups, colours):
             sub = showers[mask]
@@ -185,22 +216,7 @@ def plot_file(path, out_png, readout=None, max_showers: int = 20000) -> Path:
             counts, _ = np.histogram(ratios[mask], bins=e_bins)
             mplhep.histplot(counts, e_bins, ax=ax_e, density=True, color=colour, label=text, lw=2)
 
-        ax_long.set_xlabel(depth_label)
-        ax_long.set_ylabel("fraction of energy per layer")
-        ax_rad.set_xlabel("r [mm]")
-        ax_rad.set_ylabel(r"$\frac{1}{E}\,\frac{dE}{dr}$ [1/mm]")
-        ax_e.set_xlabel(r"$E_\mathrm{tot} / E_\mathrm{inc}$")
-        ax_e.set_ylabel("normalised to unit area")
-        # Profiles span decades, hence log y; the E_tot/E_inc peaks are compared on a linear one.
-        _log_range(ax_long, drawn_long)
-        _log_range(ax_rad, drawn_rad)
-        ax_e.set_ylim(0, None)
-        ax_long.set_xlim(depth_edges[0], depth_edges[-1])
-        ax_rad.set_xlim(r_edges[0], r_edges[-1])
-        if r_edges[-1] / r_edges[1] > 100:
-            # Irregular readouts (CaloChallenge dataset 1) reach from 2 mm to 2 m: only a log axis
-            # shows both the core and the halo.
-            ax_rad.set_xscale("symlog", linthresh=r_edges[1])
+        style_panels(ax_long, ax_rad, ax_e, depth_edges, depth_label, r_edges, drawn_long, drawn_rad)
         ax_e.set_xlim(e_bins[0], e_bins[-1])
         # A framed legend: with a continuous spectrum the distributions overlap and fill the panel.
         ax_e.legend(title="incident energy (showers)", fontsize="x-small", title_fontsize="x-small",

@@ -54,6 +54,7 @@ class FleetConfig:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     plots: bool = True
+    init_checkpoint: str | None = None  # a meta-initialisation (trainers.reptile): a meta-adapted fleet
 
 
 def list_regions(data_dir, patterns=None) -> list[str]:
@@ -121,7 +122,12 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
             data = load_showers(Path(cfg.data_dir) / f"{n}.h5")
             tr, va = split_validation(data, cfg.val_fraction, cfg.min_val_per_energy, seed=cfg.seed)
             torch.manual_seed(cfg.seed)
-            models.append(create_model(cfg.model, **{**cfg.overrides, "readout": data.readout.to_dict()}))
+            model = create_model(cfg.model, **{**cfg.overrides, "readout": data.readout.to_dict()})
+            if cfg.init_checkpoint:
+                from trainers.reptile import load_compatible
+
+                load_compatible(model, load_checkpoint(cfg.init_checkpoint)["model"])
+            models.append(model)
             trains.append(tr)
             vals.append(va)
         for n, d, s in zip(names, dirs, starts):
@@ -230,6 +236,7 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
         cfg.parent_run_id = parent.run_id
     (out / "fleet.json").write_text(json.dumps({"config": asdict(cfg), "shares": shares}, indent=1))
 
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": max(num_workers * threads_per_worker, os.cpu_count() or 1)}))

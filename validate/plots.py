@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import matplotlib.style
 import mplhep
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from showers import observables as obs
-from showers.plots import _depth_axis, _etot_bins, _log_range, energy_groups
+from showers.plots import (
+    _depth_axis,
+    _etot_bins,
+    energy_colours,
+    energy_groups,
+    style_panels,
+    three_panels,
+)
 from showers.readout import Readout
 
 __all__ = ["plot_comparison"]
@@ -43,13 +47,11 @@ def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png,
         groups = [groups[i] for i in np.unique(np.linspace(0, len(groups) - 1, max_energies).round().astype(int))]
     depth_edges, depth_label = _depth_axis(readout, x0_mm)
     r_edges = readout.r_edges_union
-    colours = [matplotlib.colormaps["viridis"](v) for v in np.linspace(0.0, 0.85, max(len(groups), 1))]
+    colours = energy_colours(len(groups))
     n_ref = len(ref_energy)
 
     with matplotlib.style.context(mplhep.style.ROOT):
-        fig = Figure(figsize=(24, 8.5))
-        FigureCanvasAgg(fig)
-        ax_long, ax_rad, ax_e = fig.subplots(1, 3)
+        fig, (ax_long, ax_rad, ax_e) = three_panels()
         drawn_long, drawn_rad = [], []
         for (label, mask), colour in zip(groups, colours):
             r_mask, g_mask = mask[:n_ref], mask[n_ref:]
@@ -67,19 +69,7 @@ def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png,
                 mplhep.histplot(drawn_rad[-1], r_edges, ax=ax_rad, color=colour, ls=style, label=text, lw=2)
                 counts, _ = np.histogram(np.clip(ratios, bins[0], bins[-1]), bins=bins)
                 mplhep.histplot(counts, bins, ax=ax_e, density=True, color=colour, ls=style, label=text, lw=2)
-        ax_long.set_xlabel(depth_label)
-        ax_long.set_ylabel("fraction of energy per layer")
-        ax_rad.set_xlabel("r [mm]")
-        ax_rad.set_ylabel(r"$\frac{1}{E}\,\frac{dE}{dr}$ [1/mm]")
-        ax_e.set_xlabel(r"$E_\mathrm{tot} / E_\mathrm{inc}$")
-        ax_e.set_ylabel("normalised to unit area")
-        _log_range(ax_long, drawn_long)
-        _log_range(ax_rad, drawn_rad)
-        ax_long.set_xlim(depth_edges[0], depth_edges[-1])
-        ax_rad.set_xlim(r_edges[0], r_edges[-1])
-        if r_edges[-1] / r_edges[1] > 100:
-            ax_rad.set_xscale("symlog", linthresh=r_edges[1])
-        ax_e.set_ylim(0, None)
+        style_panels(ax_long, ax_rad, ax_e, depth_edges, depth_label, r_edges, drawn_long, drawn_rad)
         ax_long.legend(fontsize="x-small", title=f"solid: {labels[0]}, dashed: {labels[1]}",
                        title_fontsize="x-small", frameon=True, framealpha=0.85, edgecolor="none")
         if title:
