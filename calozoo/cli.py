@@ -211,8 +211,11 @@ def _overrides(pairs) -> dict:
               help="Track the run in MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).")
 @click.option("--register", "do_register", is_flag=True,
               help="Then select the best checkpoint, export it to ONNX, gate and register it (see `calozoo register`).")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A sweep's best.json: its model config overrides (then --set on top).")
 def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every, val_fraction, min_val_per_energy,
-          incremental_every, seed, device, bf16, sets, no_resume, campaign, region, use_mlflow, do_register) -> None:
+          incremental_every, seed, device, bf16, sets, no_resume, campaign, region, use_mlflow, do_register,
+          config_path) -> None:
     """Train one model on showers; resumes from the run folder's latest checkpoint."""
     import torch
 
@@ -229,9 +232,10 @@ def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every,
     try:
         data = load_showers(data_path, readout=readout)
         torch.manual_seed(seed)
-        overrides = _overrides(sets)
+        overrides = {**_config_overrides(config_path, model_name), **_overrides(sets)}
         model = create_model(model_name, **overrides)
         if model.readout != data.readout and "readout" not in overrides:
+            torch.manual_seed(seed)
             model = create_model(model_name, readout=data.readout.to_dict(), **overrides)
         tr, va = split_validation(data, val_fraction, min_val_per_energy, seed=seed)
         cfg = TrainConfig(iterations=iterations, checkpoint_every=checkpoint_every, seed=seed, device=device,
@@ -263,6 +267,21 @@ def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every,
                    f"`calozoo mlflow-sync {out}` logs them")
         if do_register:
             _register(out, campaign, region)
+
+
+def _config_overrides(path, model_name: str) -> dict:
+    """The model config overrides of a sweep's best.json (none without --config)."""
+    if not path:
+        return {}
+    from tune.sweep import load_best
+
+    try:
+        best = load_best(path)
+    except ValueError as exc:
+        _fail(exc)
+    if best["model"] != model_name:
+        _fail(ValueError(f"{path} is the best config of {best['model']}, not {model_name}"))
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in best["overrides"].items()}
 
 
 def _register(run_dir, campaign=None, region=None) -> None:
@@ -400,9 +419,11 @@ def models(pattern) -> None:
 @click.option("--plots/--no-plots", default=True, show_default=True, help="A validation plot per region.")
 @click.option("--init", "init_checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Start every region from this checkpoint (a Reptile meta-initialisation): a meta-adapted fleet.")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A sweep's best.json: its model config overrides (then --set on top).")
 def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterations, checkpoint_every,
           incremental_every, bank_size, min_val_per_energy, bf16, max_failures, campaign, use_mlflow, do_register, sets,
-          seed, plots, init_checkpoint) -> None:
+          seed, plots, init_checkpoint, config_path) -> None:
     """Train one MODEL per detector region on Ray Train workers, as weight-stacked banks."""
     from trainers.fleet import FleetConfig, list_regions, run_fleet
 
@@ -413,7 +434,7 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterat
     cfg = FleetConfig(model=model_name, data_dir=data_dir, out_dir=out_dir or f"out/fleet/{model_name}",
                       regions=regions, bank_size=bank_size, min_val_per_energy=min_val_per_energy, seed=seed,
                       campaign=campaign or Path(data_dir).resolve().name, tracking=use_mlflow,
-                      overrides=_overrides(sets), plots=plots,
+                      overrides={**_config_overrides(config_path, model_name), **_overrides(sets)}, plots=plots,
                       init_checkpoint=str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
                       train={"iterations": iterations, "checkpoint_every": checkpoint_every, "seed": seed,
                              "incremental_every": incremental_every, "bf16": bf16, "progress": False})
@@ -429,6 +450,58 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterat
     if do_register:
         for r in sorted(done):
             _register(Path(cfg.out_dir) / r)
+
+
+@main.command()
+@click.argument("model_name", metavar="MODEL", required=False)
+@click.option("--data", "data_path", type=click.Path(exists=True), help="CaloChallenge HDF5 file (or folder).")
+@click.option("--mode", type=click.Choice(["grid", "asha"]), default="asha", show_default=True)
+@click.option("--num-samples", default=8, show_default=True, help="ASHA: trials sampled from the space.")
+@click.option("--metric", type=click.Choice(["chi2_sum", "sep_power", "etot_shift"]), default="chi2_sum",
+              show_default=True, help="etot_shift does not saturate early in training (short ASHA rungs).")
+@click.option("--grace-period", default=1, show_default=True, help="ASHA: first rung, in checkpoints.")
+@click.option("--reduction-factor", default=2.0, show_default=True, help="ASHA: keep 1/this of the trials per rung.")
+@click.option("--space", "spaces", multiple=True, metavar="KEY=JSON",
+              help="Candidates of a field, e.g. learning_rate=[1e-4,2e-4] (repeatable; others keep the family's).")
+@click.option("--only-given", is_flag=True, help="Search only the --space fields.")
+@click.option("--iterations", default=2000, show_default=True)
+@click.option("--checkpoint-every", default=500, show_default=True)
+@click.option("--min-val-per-energy", default=100, show_default=True)
+@click.option("--cpus-per-trial", default=1.0, show_default=True)
+@click.option("--gpus-per-trial", default=0.0, show_default=True, help="Fractions pack small trials onto a GPU.")
+@click.option("--address", default=None, help="Ray cluster address (default: a local Ray).")
+@click.option("-o", "--out", "out_dir", default=None, help="Sweep folder (default: out/tune/MODEL-MODE).")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Resume the interrupted sweep in this folder (finished trials are not repeated).")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def tune(model_name, data_path, mode, num_samples, metric, grace_period, reduction_factor, spaces, only_given,
+         iterations, checkpoint_every, min_val_per_energy, cpus_per_trial, gpus_per_trial, address, out_dir, resume_dir,
+         use_mlflow, seed) -> None:
+    """Search MODEL's hyper-parameters with Ray Tune (grid or ASHA); writes OUT/best.json, which
+    `calozoo train --config` and `calozoo fleet --config` take."""
+    from tune.sweep import SweepConfig, resume_sweep, run_sweep
+
+    try:
+        if resume_dir:
+            result = resume_sweep(resume_dir, address)
+        else:
+            if not model_name or not data_path:
+                raise click.UsageError("give MODEL and --data (or --resume FOLDER)")
+            space = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in _overrides(spaces).items()}
+            cfg = SweepConfig(model=model_name, data=data_path, out_dir=out_dir or f"out/tune/{model_name}-{mode}",
+                              mode=mode, space=space, only_given=only_given, num_samples=num_samples, metric=metric,
+                              grace_period=grace_period, reduction_factor=reduction_factor,
+                              train={"iterations": iterations, "checkpoint_every": checkpoint_every},
+                              min_val_per_energy=min_val_per_energy, cpus_per_trial=cpus_per_trial,
+                              gpus_per_trial=gpus_per_trial, seed=seed, tracking=use_mlflow)
+            result = run_sweep(cfg, address)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    best = result.best
+    click.echo(f"{len(result.trials)} trials, {result.n_stopped_early} stopped early by ASHA, {result.seconds:.0f} s")
+    click.echo(f"best: {best['metric']} {best['value']:.4g} at iteration {best['iteration']} "
+               f"(trial {best['trial']}): {best['overrides']} -> {Path(result.path) / 'best.json'}")
 
 
 @main.command()

@@ -44,11 +44,15 @@ def etot_chi2(gen_showers, gen_energy, ref_showers, ref_energy) -> dict:
 
     gen_showers (N, n_voxels) MeV with gen_energy (N,) MeV; ref_showers (M, n_voxels) MeV with
     ref_energy (M,) MeV. Returns ``chi2_sum``, ``ndf_sum``, ``chi2_ndf`` (= chi2_sum / ndf_sum),
-    ``sep_power`` (mean over points) and ``per_energy``: [(energy MeV, χ², ndf, separation power)].
+    ``sep_power`` (mean over points), ``etot_shift`` (mean over points of |mean(gen) - mean(ref)| of
+    E_tot/E_inc in units of the reference's standard deviation: unlike the χ² and the separation
+    power, which saturate once the generated peak leaves the reference's range, it keeps telling
+    bad models apart early in training, which is what ASHA's first rungs need) and ``per_energy``:
+    [(energy MeV, χ², ndf, separation power)].
     """
     gen_r = np.asarray(gen_showers, dtype=np.float64).sum(1) / np.asarray(gen_energy, dtype=np.float64)
     ref_r = np.asarray(ref_showers, dtype=np.float64).sum(1) / np.asarray(ref_energy, dtype=np.float64)
-    per, chi2_sum, ndf_sum = [], 0.0, 0
+    per, chi2_sum, ndf_sum, shifts = [], 0.0, 0, []
     for group in energy_groups(np.asarray(ref_energy)):
         r, g = ref_r[_in(ref_energy, group)], gen_r[_in(gen_energy, group)]
         if len(r) == 0 or len(g) == 0:
@@ -61,9 +65,11 @@ def etot_chi2(gen_showers, gen_energy, ref_showers, ref_energy) -> dict:
         c = chi2_histograms(h_gen, h_ref)
         sep = separation_power(h_gen, h_ref)
         per.append((0.5 * (group[0] + group[1]), c.chi2, c.ndf, sep))
+        shifts.append(abs(float(np.mean(g)) - float(np.mean(r))) / max(float(np.std(r)), 1e-6))
         chi2_sum += c.chi2
         ndf_sum += c.ndf
     if not per:
         raise ValueError("no incident-energy point has both generated and reference showers")
     return {"chi2_sum": chi2_sum, "ndf_sum": ndf_sum, "chi2_ndf": chi2_sum / max(ndf_sum, 1),
-            "sep_power": float(np.mean([p[3] for p in per])), "per_energy": per}
+            "sep_power": float(np.mean([p[3] for p in per])), "etot_shift": float(np.mean(shifts)),
+            "per_energy": per}

@@ -30,7 +30,7 @@ from torch import nn
 from showers.readout import Readout, get_readout
 from showers.transforms import ConditionSpec, build_transform, encode_conditions
 
-__all__ = ["ModelConfig", "ShowerModel", "build_variant", "family_class", "model_from_checkpoint"]
+__all__ = ["ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class", "model_from_checkpoint"]
 
 
 @dataclass
@@ -58,6 +58,30 @@ class ModelConfig:
         return asdict(self)
 
 
+@dataclass
+class SearchSpace:
+    """A family's hyper-parameter search space for sweeps (``tune/``): each field is named after a
+    field of the family's config and holds its candidate values (a grid takes their product; a
+    random or ASHA search samples them). An empty tuple leaves the field at its default."""
+
+    def candidates(self) -> dict[str, list]:
+        return {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name)}
+
+    def grid_size(self) -> int:
+        return math.prod(len(v) for v in self.candidates().values())
+
+    @classmethod
+    def restricted(cls, only: bool = False, **values) -> SearchSpace:
+        """This space with some fields' candidates replaced (unknown fields are refused); with
+        ``only``, the other fields are left out of the search."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{cls.__name__}: no field {sorted(unknown)}; fields: {sorted(known)}")
+        rest = {k: () for k in known - set(values)} if only else {}
+        return cls(**rest, **{k: tuple(v) for k, v in values.items()})
+
+
 _FAMILIES: dict[str, type] = {}
 
 
@@ -67,6 +91,7 @@ class ShowerModel(nn.Module):
     family: ClassVar[str] = ""
     kind: ClassVar[str] = "likelihood"
     config_class: ClassVar[type] = ModelConfig
+    search_space: ClassVar[type] = SearchSpace
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

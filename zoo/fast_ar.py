@@ -63,7 +63,7 @@ from torch import nn
 from showers.readout import Readout
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, ShowerModel, build_variant
+from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant
 
 __all__ = ["FastAR", "FastARConfig"]
 
@@ -121,10 +121,22 @@ class FastARConfig(ModelConfig):
                              f"({sorted(_SCALING_TRANSFORMS)}), got {kinds}")
 
 
+@dataclass
+class FastARSearch(SearchSpace):
+    """FAST.AR's sweep: the mixture size and the context (how many layers, how deep a net)."""
+
+    n_components: tuple[int, ...] = (2, 4, 8)
+    context_layers: tuple[int, ...] = (2, 3, 5)
+    n_conv: tuple[int, ...] = (2, 3)
+    width: tuple[int, ...] = (16, 32)
+    learning_rate: tuple[float, ...] = ()
+
+
 class FastAR(ShowerModel):
     """Layer-autoregressive model with zero-inflated log-normal mixtures per voxel (module docstring)."""
 
     family = "fast_ar"
+    search_space = FastARSearch
     kind = "likelihood"
     config_class = FastARConfig
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, ShowerModel, build_variant
+from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant
 
 __all__ = ["Par04VAE", "Par04VAEConfig"]
 
@@ -90,6 +90,16 @@ class Par04VAEConfig(ModelConfig):
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
 
 
+@dataclass
+class Par04VAESearch(SearchSpace):
+    """Par04's sweep (it used Optuna over these): latent size, KL weight, learning rate, widths."""
+
+    latent_dim: tuple[int, ...] = (10, 20)
+    kl_weight: tuple[float, ...] = (0.5, 1.0, 2.0)
+    learning_rate: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    encoder_widths: tuple[tuple[int, ...], ...] = ((100, 50, 20, 14), (200, 100, 50, 20))
+
+
 def _activation(cfg: Par04VAEConfig) -> nn.Module:
     if cfg.activation == "leaky_relu":
         return nn.LeakyReLU(cfg.leaky_slope)
@@ -112,6 +122,7 @@ class Par04VAE(ShowerModel):
     family = "par04_vae"
     kind = "likelihood"
     config_class = Par04VAEConfig
+    search_space = Par04VAESearch
 
     def __init__(self, config: Par04VAEConfig, variant: str = ""):
         super().__init__(config, variant)

@@ -1,0 +1,295 @@
+"""Sweeps: grid and ASHA hyper-parameter search with Ray Tune, every trial an MLflow child run.
+
+``run_sweep`` runs a Ray Tune ``Tuner`` over :func:`_trial`, which trains one model with the same
+trainer as everywhere (``trainers.loop.train``): no second training loop. The search space is the
+family's typed ``SearchSpace`` (declared next to its config in ``zoo/``), optionally restricted.
+
+- ``mode="grid"``: every combination of the candidates, run to the end.
+- ``mode="asha"``: ``num_samples`` random combinations under ``ASHAScheduler`` (metric: the
+  validation χ² sum, the E_tot separation power, or ``etot_shift``, the distance of the mean E_tot
+  in reference standard deviations, which does not saturate early in training as the other two do
+  once a generator's peak is off the reference's histogram; mode min), which stops bad trials at rungs of
+  ``grace_period`` × ``reduction_factor``^k training iterations. Time is counted in training
+  iterations (``time_attr="iteration"``), so a resumed trial is judged where it really is.
+
+Each trial trains into ``OUT/trials/<trial id>/`` (its checkpoints, at most ``keep_checkpoints``
+files; nothing is reported to Ray as a checkpoint), so an interrupted sweep resumes with
+:func:`resume_sweep` (``Tuner.restore``): finished trials are not repeated and unfinished ones go on
+from their last checkpoint. Trial names come from their ids and parameters, never timestamps. The
+best trial's config is written to ``OUT/best.json``, which ``calozoo train --config`` and
+``calozoo fleet --config`` accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["SweepConfig", "SweepResult", "load_best", "param_space", "resume_sweep", "retrain_best", "run_sweep"]
+
+METRICS = ("chi2_sum", "sep_power", "etot_shift")
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep trains and how it searches.
+
+    model: a zoo variant; data: a CaloChallenge file (or folder) with the readout in its attributes.
+    space: candidates per config field ({} = the family's whole search space; a field given here
+        replaces its candidates, others keep theirs unless ``only_given``).
+    train: ``trainers.loop.TrainConfig`` fields (iterations, checkpoint_every, seed, ...).
+    """
+
+    model: str
+    data: str
+    out_dir: str
+    mode: str = "asha"
+    space: dict = field(default_factory=dict)
+    only_given: bool = False
+    num_samples: int = 8
+    metric: str = "chi2_sum"
+    grace_period: int = 1  # in checkpoints: the first rung is at grace_period × checkpoint_every
+    reduction_factor: float = 2.0
+    train: dict = field(default_factory=dict)
+    val_fraction: float = 0.2
+    min_val_per_energy: int = 100
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    seed: int = 0
+    campaign: str = "sweeps"
+    tracking: bool = True
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("grid", "asha"):
+            raise ValueError(f"mode must be 'grid' or 'asha', got {self.mode!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+
+
+@dataclass
+class SweepResult:
+    best: dict
+    trials: list[dict]
+    n_stopped_early: int
+    seconds: float
+    path: str
+
+
+def _space(cfg: SweepConfig):
+    from zoo import create_model
+
+    cls = type(create_model(cfg.model)).search_space
+    if cfg.only_given:
+        return cls.restricted(only=True, **cfg.space)
+    base = cls().candidates()
+    base.update({k: list(v) for k, v in cfg.space.items()})
+    return cls.restricted(**base)
+
+
+def param_space(cfg: SweepConfig) -> dict:
+    """The Tune param_space: grid_search over the candidates (grid), or choice among them (asha)."""
+    from ray import tune
+
+    cands = _space(cfg).candidates()
+    if not cands:
+        raise ValueError(f"{cfg.model}: empty search space")
+    pick = tune.grid_search if cfg.mode == "grid" else tune.choice
+    return {"params": {k: pick([list(x) if isinstance(x, tuple) else x for x in v]) for k, v in cands.items()}}
+
+
+def _trial_label(params: dict) -> str:
+    def short(v):
+        if isinstance(v, (list, tuple)):
+            return "-".join(map(str, v))
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return ",".join(f"{k}={short(v)}" for k, v in sorted(params.items()))
+
+
+def _prepare(cfg: SweepConfig, params: dict):
+    """The model (seeded, with the data's readout), the data split and the TrainConfig of a trial."""
+    import torch
+
+    from trainers.data import load_showers, split_validation
+    from trainers.loop import TrainConfig
+    from zoo import create_model
+
+    data = load_showers(cfg.data)
+    tr, va = split_validation(data, cfg.val_fraction, cfg.min_val_per_energy, seed=cfg.seed)
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **params)
+    if model.readout != data.readout:
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, **{**params, "readout": data.readout.to_dict()})
+    return model, tr, va, TrainConfig(**{**cfg.train, "progress": False, "seed": cfg.seed})
+
+
+def retrain_best(out_dir, run_dir) -> list[dict]:
+    """Train the sweep's best config again, outside Ray, to the iteration it was judged at; returns
+    the checkpoint history (its last ``chi2_sum`` is the sweep's reported value, on the same data and
+    seed)."""
+    import dataclasses
+
+    from trainers.loop import train
+
+    cfg = SweepConfig(**json.loads((Path(out_dir) / "sweep.json").read_text()))
+    best = load_best(Path(out_dir) / "best.json")
+    model, tr, va, tcfg = _prepare(cfg, best["overrides"])
+    result = train(model, tr, va, dataclasses.replace(tcfg, iterations=best["iteration"]), run_dir, resume=False)
+    return result.history
+
+
+def _trial(config: dict) -> None:
+    """One trial: train the model with the trial's parameters, reporting at every checkpoint."""
+    import torch
+    from ray import tune
+
+    from trainers.loop import train
+
+    torch.set_num_threads(max(1, int(config["sweep"].get("cpus_per_trial", 1))))
+    cfg = SweepConfig(**config["sweep"])
+    params = config["params"]
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(cfg.out_dir) / "trials" / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "starts.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()}\n")
+    (run_dir / "params.json").write_text(json.dumps(params, indent=1))
+    model, tr, va, tcfg = _prepare(cfg, params)
+    run = None
+    if cfg.tracking:
+        from registry.tracking import TrackedRun
+        from registry.training import model_params
+
+        run = TrackedRun(f"{cfg.model}/{trial_id}", cfg.campaign, run_dir, uri=cfg.tracking_uri,
+                         parent_run_id=cfg.parent_run_id, params={**model_params(model), "params": params},
+                         tags={"calozoo.trial": trial_id, "calozoo.trial_params": _trial_label(params)})
+
+    def log(record, iteration):
+        if run is not None:
+            run.log_metrics(record, iteration)
+        tune.report({"iteration": iteration, **{m: record[m] for m in (*METRICS, "chi2_ndf")}})
+
+    try:
+        train(model, tr, va, tcfg, run_dir, resume=True, log=log)
+    finally:
+        if run is not None:
+            run.finish()
+
+
+def _tuner(cfg: SweepConfig, restore_path: str | None = None):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    trainable = tune.with_resources(_trial, resources)
+    if restore_path is not None:
+        return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True)
+    iterations = int(cfg.train.get("iterations", 2000))
+    every = int(cfg.train.get("checkpoint_every", 500))
+    scheduler = None
+    if cfg.mode == "asha":
+        scheduler = ASHAScheduler(time_attr="iteration", max_t=iterations, grace_period=cfg.grace_period * every,
+                                  reduction_factor=cfg.reduction_factor)
+    space = param_space(cfg)
+    space["sweep"] = asdict(cfg)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode="min", scheduler=scheduler,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.seed,
+                                                                     max_concurrent=cfg.max_concurrent or 0),
+                                    num_samples=cfg.num_samples if cfg.mode == "asha" else 1,
+                                    trial_name_creator=lambda t: f"{t.trial_id}[{_trial_label(t.config['params'])}]",
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name="tune", storage_path=str(Path(cfg.out_dir).resolve()), verbose=0),
+    )
+
+
+def run_sweep(cfg: SweepConfig, address: str | None = None) -> SweepResult:
+    """Run the sweep (a local Ray unless ``address``); write ``OUT/best.json``; see the module docstring."""
+    out = Path(cfg.out_dir).resolve()
+    cfg.out_dir = str(out)
+    cfg.data = str(Path(cfg.data).resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    parent = None
+    if cfg.tracking:
+        from registry.tracking import TrackedRun
+
+        parent = TrackedRun(f"sweep/{cfg.model}/{cfg.mode}", cfg.campaign, out / "_sweep", uri=cfg.tracking_uri,
+                            params={"model": cfg.model, "mode": cfg.mode, "metric": cfg.metric,
+                                    "space": {k: json.dumps(v) for k, v in _space(cfg).candidates().items()},
+                                    "train": cfg.train},
+                            tags={"calozoo.sweep": "true"})
+        cfg.parent_run_id = parent.run_id
+    (out / "sweep.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return _fit(cfg, _tuner(cfg), parent, address)
+
+
+def resume_sweep(out_dir, address: str | None = None) -> SweepResult:
+    """Resume an interrupted sweep (``Tuner.restore``): finished trials are kept, unfinished ones resume."""
+    out = Path(out_dir).resolve()
+    cfg = SweepConfig(**json.loads((out / "sweep.json").read_text()))
+    parent = None
+    if cfg.tracking and cfg.parent_run_id:
+        from registry.tracking import TrackedRun
+
+        parent = TrackedRun(f"sweep/{cfg.model}/{cfg.mode}", cfg.campaign, out / "_sweep", uri=cfg.tracking_uri)
+    return _fit(cfg, _tuner(cfg, restore_path=str(out / "tune")), parent, address)
+
+
+def _fit(cfg: SweepConfig, tuner, parent, address) -> SweepResult:
+    import ray
+
+    t0 = time.perf_counter()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    results = tuner.fit()
+    iterations = int(cfg.train.get("iterations", 2000))
+    trials = []
+    for r in results:
+        if r.metrics is None or "iteration" not in r.metrics:
+            continue
+        trial_id = r.metrics.get("trial_id") or Path(r.path).name
+        trials.append({"trial": trial_id, "params": r.config["params"], "iteration": int(r.metrics["iteration"]),
+                       cfg.metric: float(r.metrics[cfg.metric]), "error": r.error is not None})
+    done = [t for t in trials if not t["error"]]
+    if not done:
+        raise RuntimeError(f"no trial of the sweep in {cfg.out_dir} finished: see {cfg.out_dir}/tune")
+    best_trial = min(done, key=lambda t: (t[cfg.metric], -t["iteration"]))
+    stopped = sum(1 for t in done if t["iteration"] < iterations)
+    best = {"model": cfg.model, "overrides": best_trial["params"], "metric": cfg.metric,
+            "value": best_trial[cfg.metric], "iteration": best_trial["iteration"], "trial": best_trial["trial"],
+            "train": {**cfg.train, "seed": cfg.seed}, "data": cfg.data, "val_fraction": cfg.val_fraction,
+            "min_val_per_energy": cfg.min_val_per_energy}
+    out = Path(cfg.out_dir)
+    (out / "best.json").write_text(json.dumps(best, indent=1))
+    seconds = time.perf_counter() - t0
+    if parent is not None:
+        parent.log_metrics({f"best_{cfg.metric}": best["value"], "trials": len(trials),
+                            "stopped_early": stopped, "seconds": seconds}, iterations)
+        parent.set_tags({"best_trial": best["trial"], "best_params": _trial_label(best["overrides"])})
+        parent.log_artifact(out / "best.json")
+        parent.finish()
+    return SweepResult(best, trials, stopped, seconds, str(out))
+
+
+def load_best(path) -> dict:
+    """A sweep's ``best.json``: {"model", "overrides", ...}; refuses anything else by name."""
+    path = Path(path)
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a sweep's best.json ({exc})") from None
+    if not isinstance(best, dict) or "model" not in best or "overrides" not in best:
+        raise ValueError(f"{path}: not a sweep's best.json (needs 'model' and 'overrides')")
+    return best
