@@ -3,7 +3,8 @@
 ``run_fleet`` starts a Ray Train ``TorchTrainer`` (one GPU per worker on a cluster, CPU workers
 locally). Each worker takes a share of the regions balanced by cost (voxels × iterations, longest
 first onto the least loaded worker) and trains them as banks of at most ``bank_size`` models
-(``trainers.bank``). Every region keeps its own folder ``OUT/<region>/`` on the run's shared storage
+(``trainers.bank``), sorted by voxel count so that a bank pads little. Every region keeps its own
+folder ``OUT/<region>/`` on the run's shared storage
 with at most ``keep_checkpoints`` checkpoint files, its own validation metric and best epoch, and its
 own MLflow run, a child of the fleet's run.
 
@@ -106,6 +107,8 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
     tcfg = TrainConfig(**{**cfg.train, "device": str(device)})
     out = Path(cfg.out_dir)
     results = {}
+    # banks of similar voxel counts: a bank computes every model at its largest N
+    regions = sorted(regions, key=lambda n: (_n_voxels(Path(cfg.data_dir) / f"{n}.h5"), n))
     for b0 in range(0, len(regions), cfg.bank_size):
         names = regions[b0:b0 + cfg.bank_size]
         dirs = [out / n for n in names]
@@ -147,8 +150,8 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
                            f"chi2_sum={best['metrics']['chi2_sum']:.4g}")
             if runs is not None:
                 _finish_run(runs[i], d, vals[i], cfg.plots)
-        if report is not None:
-            report({"regions_done": len(results), "rank": rank})
+    if report is not None:
+        report({"regions_done": len(results), "rank": rank})
     return results
 
 
@@ -200,8 +203,10 @@ def _worker_loop(config: dict) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(int(config.get("threads", 1)))
-    train_share(cfg, share, device, rank, report=lambda m: ray.train.report(m))
-    ray.train.report({"regions_done": len(share), "rank": rank, "finished": 1})
+    # ray.train.report is collective (every worker must call it as often as the others), and workers
+    # finish their banks at different times: report once, at the end; per-region progress goes to
+    # MLflow and to the regions' folders.
+    train_share(cfg, share, device, rank, report=lambda m: ray.train.report({**m, "finished": 1}))
 
 
 def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
