@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import calozoo
 from registry.tracking import RUN_FILE, get_client, quick_http, tracking_uri
 from trainers.checkpoint import CheckpointManager, load_checkpoint
 from zoo.base import ShowerModel, model_from_checkpoint
-from zoo.export import OPSET, export_onnx, onnx_session, relative_difference
+from zoo.export import OPSET, export_onnx, onnx_parity
 
 __all__ = ["ALIAS", "ParityError", "Publication", "export_metadata", "parity_gate", "publish", "registered_name",
            "select_best"]
@@ -104,11 +103,9 @@ def export_metadata(model: ShowerModel, state: dict, *, name: str = "", campaign
 
 def parity_gate(model: ShowerModel, onnx_path, trained_range: dict, n: int = 64, seed: int = 2024,
                 rtol: float = 1e-4) -> dict:
-    """ONNX Runtime against torch on fresh random noise and conditions spread over the trained range
-    (log-uniform energies, uniform angles, random geometries); raises :class:`ParityError` if the
-    largest relative difference (``zoo.export.relative_difference``) exceeds ``rtol``."""
-    from showers.transforms import encode_conditions
-
+    """ONNX Runtime against torch (``zoo.export.onnx_parity``) on fresh random noise and conditions
+    spread over the trained range (log-uniform energies, uniform angles, random geometries); raises
+    :class:`ParityError` if the largest relative difference exceeds ``rtol``."""
     rng = np.random.default_rng(seed)
     spec = model.condition_spec
     lo, hi = trained_range.get("energy_mev", spec.energy_range_mev)
@@ -116,22 +113,15 @@ def parity_gate(model: ShowerModel, onnx_path, trained_range: dict, n: int = 64,
     energy[:2] = lo, hi
     angle = rng.uniform(*trained_range.get("angle_deg", (90.0, 90.0)), n) if spec.use_angle else None
     geometry = list(rng.choice(spec.geometries, n)) if spec.geometries else None
-    cond = np.asarray(encode_conditions(energy, angle, geometry, spec=spec), dtype=np.float32)
-    noise = rng.standard_normal((n, model.noise_dim), dtype=np.float32)
-    model = model.cpu().eval()
-    with torch.no_grad():
-        ref = model.generate(torch.from_numpy(noise), torch.from_numpy(cond)).numpy()
     try:
-        out = onnx_session(onnx_path).run(["showers"], {"noise": noise, "conditions": cond})[0]
+        parity = onnx_parity(model, onnx_path, energy, angle, geometry, seed=seed, rtol=rtol)
     except Exception as exc:
         raise ParityError(f"{onnx_path}: ONNX Runtime cannot run the exported model ({str(exc).splitlines()[0]}); "
                           "not registered") from exc
-    rel = relative_difference(out, ref)
-    result = {"max_rel_diff": rel, "rtol": rtol, "n": n, "energy_range_mev": [float(lo), float(hi)]}
-    if not rel <= rtol:
-        raise ParityError(f"{onnx_path}: ONNX Runtime differs from torch by {rel:.3g} relative (limit {rtol:g}) "
-                          f"on {n} random inputs over {lo / 1e3:g}-{hi / 1e3:g} GeV; not registered")
-    return result
+    if not parity["ok"]:
+        raise ParityError(f"{onnx_path}: ONNX Runtime differs from torch by {parity['max_rel_diff']:.3g} relative "
+                          f"(limit {rtol:g}) on {n} random inputs over {lo / 1e3:g}-{hi / 1e3:g} GeV; not registered")
+    return {**parity, "rtol": rtol, "energy_range_mev": [float(lo), float(hi)]}
 
 
 def _version_metric(version) -> float:

@@ -113,7 +113,7 @@ class TrackedRun:
 
     def __init__(self, name: str, experiment: str, run_dir, *, params: dict | None = None,
                  tags: dict | None = None, parent_run_id: str | None = None, uri: str | None = None,
-                 retry_after: float = 30.0):
+                 retry_after: float = 30.0, start: bool = True):
         self.name, self.experiment = name, experiment
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,8 +132,9 @@ class TrackedRun:
                 self.run_id = info.get("run_id")
         self._params = _flat_params(params or {})
         self._tags = {k: str(v) for k, v in (tags or {}).items()}
-        self._do({"op": "start", "name": name, "experiment": experiment, "params": self._params,
-                  "tags": self._tags, "parent_run_id": parent_run_id})
+        if start:  # flush_pending makes a run that only replays what is pending
+            self._do({"op": "start", "name": name, "experiment": experiment, "params": self._params,
+                      "tags": self._tags, "parent_run_id": parent_run_id})
 
     # -- the guard ------------------------------------------------------------------------------------
     @property
@@ -288,20 +289,13 @@ def flush_pending(run_dir, uri: str | None = None) -> int:
     if not (run_dir / PENDING).exists():
         return 0
     ops = [json.loads(line) for line in (run_dir / PENDING).read_text().splitlines() if line.strip()]
-    start = next((o for o in ops if o["op"] == "start"), None)
-    name = info.get("name") or (start or {}).get("name")
-    experiment = info.get("experiment") or (start or {}).get("experiment")
+    start = next((o for o in ops if o["op"] == "start"), {})
+    name = info.get("name") or start.get("name")
+    experiment = info.get("experiment") or start.get("experiment")
     if not name or not experiment:
         raise ValueError(f"{run_dir}: no {RUN_FILE} and no recorded run name; cannot replay {PENDING}")
-    run = TrackedRun.__new__(TrackedRun)
-    run.name, run.experiment, run.run_dir = name, experiment, run_dir
-    run.uri = uri or info.get("tracking_uri") or tracking_uri()
-    run.parent_run_id, run.retry_after, run._down_since, run._warned, run.failures = None, 0.0, None, False, 0
-    run.run_id = info.get("run_id")
-    run._client = get_client(run.uri)
-    run._params = (start or {}).get("params", {})
-    run._tags = (start or {}).get("tags", {})
-    if start is not None:
-        run.parent_run_id = start.get("parent_run_id")
+    run = TrackedRun(name, experiment, run_dir, params=start.get("params"), tags=start.get("tags"),
+                     parent_run_id=start.get("parent_run_id"), uri=uri or info.get("tracking_uri"), retry_after=0.0,
+                     start=False)
     run._replay()
     return len(run.pending())

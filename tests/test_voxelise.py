@@ -14,13 +14,7 @@ from hypothesis import strategies as st
 from showers.errors import ShowerDataError
 from showers.formats import read_edm4hep_hits
 from showers.readout import Layer, Readout, get_readout
-from showers.voxelise import (
-    devoxelise,
-    edm4hep_event_to_voxels,
-    shower_frame,
-    transverse_basis,
-    voxelise,
-)
+from showers.voxelise import devoxelise, edm4hep_event_to_voxels, shower_frame, transverse_basis, voxelise
 
 EDM4HEP = Path(__file__).parent / "fixtures" / "caloclouds3_single_event_example.edm4hep.root"
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

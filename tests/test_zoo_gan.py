@@ -11,14 +11,8 @@ import torch
 
 from showers.detector import get_detector
 from showers.readout import Layer, Readout
-from zoo.fastcalogan import (
-    FastCaloGAN,
-    FastCaloGANConfig,
-    fastcalogan,
-    fastcalogan_pbwo4,
-    fastcalogan_pion,
-    for_region,
-)
+from zoo.fastcalogan import (FastCaloGAN, FastCaloGANConfig, fastcalogan, fastcalogan_pbwo4, fastcalogan_pion,
+                             for_region)
 
 # 2 layers x 2 alpha x 2 r = 8 voxels: small enough for exact checks and quick training steps
 TINY = Readout("tiny", (Layer((0.0, 1.0, 2.0), 2), Layer((0.0, 1.0, 2.0), 2)))

@@ -48,14 +48,42 @@ _HIDDEN_ACT = {
 
 @dataclass
 class _Layer:
-    """One linear layer of the bank: stacked weight (K, in_max, out_max) and bias (K, 1, out_max),
-    and for each model which bank rows and columns its own (out, in) weight occupies."""
+    """One linear layer of the bank: stacked weight (K, in_max, out_max) and bias (K, 1, out_max)."""
 
-    key: str  # the single model's state-dict prefix, e.g. "critic.layers.0"
     weight: torch.Tensor
     bias: torch.Tensor
-    rows: list[torch.Tensor]
-    cols: list[torch.Tensor]
+
+
+@dataclass
+class _Slot:
+    """Where one tensor of the single models (state-dict key ``name``) sits in a stacked tensor: for
+    a linear weight (stored transposed, (K, in_max, out_max)) model i's rows and columns; for a bias
+    (K, 1, out_max) its columns; for a per-model vector (K, 1, F) or a count (K,) neither.
+    ``get``/``put`` work on the stacked tensor and on anything of its shape (its gradient, Adam's
+    moments)."""
+
+    name: str
+    tensor: torch.Tensor
+    rows: list[torch.Tensor] | None = None
+    cols: list[torch.Tensor] | None = None
+
+    def get(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        if self.rows is not None:
+            return t[i][self.rows[i][:, None], self.cols[i][None, :]].T
+        if self.cols is not None:
+            return t[i, 0, self.cols[i]]
+        return t[i, 0] if t.ndim == 3 else t[i]
+
+    def put(self, t: torch.Tensor, i: int, value: torch.Tensor) -> None:
+        value = value.to(t.device, t.dtype)
+        if self.rows is not None:
+            t[i][self.rows[i][:, None], self.cols[i][None, :]] = value.T
+        elif self.cols is not None:
+            t[i, 0, self.cols[i]] = value
+        elif t.ndim == 3:
+            t[i, 0] = value
+        else:
+            t[i] = value
 
 
 class BankAdam:
@@ -121,7 +149,9 @@ class Bank:
         self.noise_gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.bank_gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]))
         self._load_data(data)
-        self.layers: list[_Layer] = []
+        self.slots: dict[str, _Slot] = {}  # every stacked tensor, by the single models' state-dict key
+        # name -> (BankAdam, the single model's parameter names in its optimiser's order, lr, betas)
+        self.optimisers: dict[str, tuple] = {}
 
     # -- configuration --------------------------------------------------------------------------
     SAME: tuple[str, ...] = ()
@@ -203,9 +233,16 @@ class Bank:
             sd = m.state_dict()
             w[i][rows[i][:, None], cols[i][None, :]] = sd[f"{key}.weight"].T.float()
             b[i, 0, cols[i]] = sd[f"{key}.bias"].float()
-        layer = _Layer(key, nn.Parameter(w.to(self.device)), nn.Parameter(b.to(self.device)), rows, cols)
-        self.layers.append(layer)
+        layer = _Layer(nn.Parameter(w.to(self.device)), nn.Parameter(b.to(self.device)))
+        self.slots[f"{key}.weight"] = _Slot(f"{key}.weight", layer.weight, rows, cols)
+        self.slots[f"{key}.bias"] = _Slot(f"{key}.bias", layer.bias, None, cols)
         return layer
+
+    def _optimiser(self, label: str, names: list[str], lr: float, betas=(0.9, 0.999)) -> BankAdam:
+        """A BankAdam over the slots ``names``, in the single model's optimiser order."""
+        opt = BankAdam([self.slots[n].tensor for n in names], self.k, lr, betas)
+        self.optimisers[label] = (opt, names, lr, tuple(betas))
+        return opt
 
     @staticmethod
     def _linear(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -213,27 +250,15 @@ class Bank:
 
     def model_state(self, i: int) -> dict:
         """Model ``i``'s state dict in its own (single-model) layout."""
-        sd = {k: v.clone() for k, v in self.models[i].state_dict().items()}
-        for layer in self.layers:
-            r, c = layer.rows[i], layer.cols[i]
-            sd[f"{layer.key}.weight"] = layer.weight.detach()[i][r[:, None], c[None, :]].T.cpu().clone()
-            sd[f"{layer.key}.bias"] = layer.bias.detach()[i, 0, c].cpu().clone()
-        sd.update(self._extra_state(i))
+        sd = dict(self.models[i].state_dict())
+        for name, slot in self.slots.items():
+            sd[name] = slot.get(slot.tensor.detach(), i).cpu().clone()
         return sd
-
-    def _extra_state(self, i: int) -> dict:
-        return {}
 
     def load_model_state(self, i: int, sd: dict) -> None:
         with torch.no_grad():
-            for layer in self.layers:
-                r, c = layer.rows[i], layer.cols[i]
-                layer.weight[i][r[:, None], c[None, :]] = sd[f"{layer.key}.weight"].T.to(self.device, torch.float32)
-                layer.bias[i, 0, c] = sd[f"{layer.key}.bias"].to(self.device, torch.float32)
-        self._load_extra_state(i, sd)
-
-    def _load_extra_state(self, i: int, sd: dict) -> None:
-        pass
+            for name, slot in self.slots.items():
+                slot.put(slot.tensor, i, sd[name])
 
     def unstacked(self, i: int) -> ShowerModel:
         """Model ``i`` as a single model (CPU), with the bank's current weights."""
@@ -241,36 +266,37 @@ class Bank:
         m.load_state_dict(self.model_state(i))
         return m
 
+    def grad_of(self, i: int, name: str) -> torch.Tensor:
+        """Model i's gradient of its parameter ``name`` (the single model's name and layout)."""
+        slot = self.slots[name]
+        return slot.get(slot.tensor.grad, i)
+
     # -- optimiser state in the single-model trainer's layout --------------------------------------
-    def _slot(self, layer: _Layer, i: int, which: str, tensors: list[torch.Tensor], index: int):
-        r, c = layer.rows[i], layer.cols[i]
-        t = tensors[index]
-        return t[i][r[:, None], c[None, :]].T.cpu().clone() if which == "weight" else t[i, 0, c].cpu().clone()
+    def optimiser_state(self, i: int) -> dict:
+        """Model i's optimisers as torch.optim.Adam state dicts (what trainers.loop saves)."""
+        out = {}
+        for label, (opt, names, lr, betas) in self.optimisers.items():
+            state = {j: {"step": torch.tensor(float(opt.step_count[i])),
+                         "exp_avg": self.slots[n].get(opt.exp_avg[j], i).cpu().clone(),
+                         "exp_avg_sq": self.slots[n].get(opt.exp_avg_sq[j], i).cpu().clone()}
+                     for j, n in enumerate(names)}
+            group = {"lr": lr, "betas": betas, "eps": opt.eps, "weight_decay": 0, "amsgrad": False,
+                     "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                     "fused": None, "decoupled_weight_decay": False, "params": list(range(len(names)))}
+            out[label] = {"state": state, "param_groups": [group]}
+        return out
 
-    def _opt_state(self, opt: BankAdam, keys: list[tuple[_Layer, str]], i: int, lr: float, betas) -> dict:
-        state = {}
-        for j, (layer, which) in enumerate(keys):
-            state[j] = {"step": torch.tensor(float(opt.step_count[i])),
-                        "exp_avg": self._slot(layer, i, which, opt.exp_avg, j),
-                        "exp_avg_sq": self._slot(layer, i, which, opt.exp_avg_sq, j)}
-        group = {"lr": lr, "betas": tuple(betas), "eps": opt.eps, "weight_decay": 0, "amsgrad": False,
-                 "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-                 "fused": None, "decoupled_weight_decay": False, "params": list(range(len(keys)))}
-        return {"state": state, "param_groups": [group]}
-
-    def _load_opt_state(self, opt: BankAdam, keys, i: int, saved: dict) -> None:
+    def load_optimiser_state(self, i: int, state: dict) -> None:
         with torch.no_grad():
-            for j, (layer, which) in enumerate(keys):
-                st = saved["state"].get(j) or saved["state"].get(str(j))
-                if st is None:
-                    continue
-                r, c = layer.rows[i], layer.cols[i]
-                for name, tensors in (("exp_avg", opt.exp_avg), ("exp_avg_sq", opt.exp_avg_sq)):
-                    if which == "weight":
-                        tensors[j][i][r[:, None], c[None, :]] = st[name].T.to(self.device, torch.float32)
-                    else:
-                        tensors[j][i, 0, c] = st[name].to(self.device, torch.float32)
-                opt.step_count[i] = float(st["step"])
+            for label, (opt, names, _, _) in self.optimisers.items():
+                saved = state[label]["state"]
+                for j, n in enumerate(names):
+                    st = saved.get(j) or saved.get(str(j))
+                    if st is None:
+                        continue
+                    self.slots[n].put(opt.exp_avg[j], i, st["exp_avg"])
+                    self.slots[n].put(opt.exp_avg_sq[j], i, st["exp_avg_sq"])
+                    opt.step_count[i] = float(st["step"])
 
     def rng_state(self, i: int) -> dict:
         if self.rng == "per_model":
@@ -284,15 +310,9 @@ class Bank:
         elif self.rng == "bank" and "bank" in state:
             self.bank_gen.set_state(state["bank"])
 
-    # -- the per-family parts ---------------------------------------------------------------------
+    # -- the per-family part -----------------------------------------------------------------------
     def step(self, autocast) -> dict[str, torch.Tensor]:
         """One training iteration of all K models; returns per-model losses, each (K,)."""
-        raise NotImplementedError
-
-    def optimiser_state(self, i: int) -> dict:
-        raise NotImplementedError
-
-    def load_optimiser_state(self, i: int, state: dict) -> None:
         raise NotImplementedError
 
 
@@ -340,12 +360,12 @@ class GANBank(Bank):
             rows = [_ar(w[j]) for w in per_model]
             cols = [_ar(w[j + 1]) for w in per_model]
             self.d_layers.append(self._stack(f"critic.layers.{j}", rows, cols, maxes[j], maxes[j + 1]))
-        self.g_keys = [(lay, which) for lay in self.g_layers for which in ("weight", "bias")]
-        self.d_keys = [(lay, which) for lay in self.d_layers for which in ("weight", "bias")]
-        betas = (cfg.beta1, cfg.beta2)
-        self.opt_g = BankAdam([p for lay in self.g_layers for p in (lay.weight, lay.bias)], self.k, cfg.learning_rate, betas)
-        self.opt_c = BankAdam([p for lay in self.d_layers for p in (lay.weight, lay.bias)], self.k, cfg.learning_rate, betas)
-        self.lr, self.betas = cfg.learning_rate, betas
+        # the single trainer's two Adams, over critic_parameters() and generator_parameters()
+        m0, betas = models[0], (cfg.beta1, cfg.beta2)
+        self.opt_c = self._optimiser("opt_c", [f"critic.{n}" for n, _ in m0.critic.named_parameters()],
+                                     cfg.learning_rate, betas)
+        self.opt_g = self._optimiser("opt_g", [f"generator.{n}" for n, _ in m0.generator.named_parameters()],
+                                     cfg.learning_rate, betas)
 
     def generator(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """(K, B, latent), (K, B, C) -> model space (K, B, n_max), padded voxels 0."""
@@ -394,14 +414,6 @@ class GANBank(Bank):
                 "critic_gp": gp.detach(), "critic_d_real": d_real.detach(), "critic_d_fake": d_fake.detach(),
                 "generator_loss": -d_gen.detach(), "generator_d_fake": d_gen.detach()}
 
-    def optimiser_state(self, i: int) -> dict:
-        return {"opt_c": self._opt_state(self.opt_c, self.d_keys, i, self.lr, self.betas),
-                "opt_g": self._opt_state(self.opt_g, self.g_keys, i, self.lr, self.betas)}
-
-    def load_optimiser_state(self, i: int, state: dict) -> None:
-        self._load_opt_state(self.opt_c, self.d_keys, i, state["opt_c"])
-        self._load_opt_state(self.opt_g, self.g_keys, i, state["opt_g"])
-
 
 class VAEBank(Bank):
     """Par04's conditional VAE for K regions (see the module docstring); batch norm per model."""
@@ -442,40 +454,24 @@ class VAEBank(Bank):
                                 dec_w[j], dec_w[j + 1]) for j, name in enumerate(dec_lin)]
         self.out = self._stack("to_voxels", [_ar(dec_w[-1])] * self.k, [_ar(n) for n in self.n_vox], dec_w[-1],
                                self.n_max)
-        # batch norm: affine parameters and running statistics per model, (K, 1, F)
+        # batch norm: affine parameters and running statistics per model, (K, 1, F), and the counts (K,)
         self.bn = []
+        sds = [m.state_dict() for m in models]
         for prefix, names in (("encoder", enc_bn), ("decoder", dec_bn)):
             for name in names:
-                key = f"{prefix}.{name}"
-                sds = [m.state_dict() for m in models]
-                entry = {"key": key, "momentum": getattr(m0, prefix)._modules[name].momentum,
-                         "eps": getattr(m0, prefix)._modules[name].eps}
-                for p in ("weight", "bias"):
-                    entry[p] = nn.Parameter(torch.stack([sd[f"{key}.{p}"] for sd in sds])[:, None, :].float()
-                                            .to(self.device))
-                for s in ("running_mean", "running_var"):
-                    entry[s] = torch.stack([sd[f"{key}.{s}"] for sd in sds])[:, None, :].float().to(self.device)
-                entry["num_batches_tracked"] = torch.stack([sd[f"{key}.num_batches_tracked"] for sd in sds])
+                key, module = f"{prefix}.{name}", getattr(m0, prefix)._modules[name]
+                entry = {"momentum": module.momentum, "eps": module.eps}
+                for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                    t = torch.stack([sd[f"{key}.{p}"] for sd in sds])
+                    if p != "num_batches_tracked":
+                        t = t[:, None, :].float().to(self.device)
+                    entry[p] = nn.Parameter(t) if p in ("weight", "bias") else t
+                    self.slots[f"{key}.{p}"] = _Slot(f"{key}.{p}", entry[p])
                 self.bn.append(entry)
         self.enc_bn = self.bn[: len(enc_bn)]
         self.dec_bn = self.bn[len(enc_bn):]
-        params = [p for lay in self.layers for p in (lay.weight, lay.bias)] + \
-                 [e[p] for e in self.bn for p in ("weight", "bias")]
-        self.opt = BankAdam(params, self.k, cfg.learning_rate)
-        # the single model's parameter order (model.parameters()), for its optimiser's state
-        lay_by_key = {lay.key: lay for lay in self.layers}
-        bn_by_key = {e["key"]: e for e in self.bn}
-        self.param_slots = []
-        for name, _ in m0.named_parameters():
-            key, which = name.rsplit(".", 1)
-            if key in lay_by_key:
-                self.param_slots.append(("linear", lay_by_key[key], which))
-            else:
-                self.param_slots.append(("bn", bn_by_key[key], which))
-        self.opt_index = {}
-        for j, (kind, obj, which) in enumerate(self.param_slots):
-            target = (obj.weight if which == "weight" else obj.bias) if kind == "linear" else obj[which]
-            self.opt_index[j] = next(n for n, p in enumerate(params) if p is target)
+        # the single trainer's Adam over model.parameters(), in their order
+        self.opt = self._optimiser("opt", [n for n, _ in m0.named_parameters()], cfg.learning_rate)
 
     def _clip(self, x):
         return x.clamp(0.0, 1.0)
@@ -521,66 +517,6 @@ class VAEBank(Bank):
         self.opt.step()
         return {k: v.detach() for k, v in out.items()}
 
-    def grad_of(self, i: int, name: str) -> torch.Tensor | None:
-        """Model i's gradient of its parameter ``name`` (the single model's name and layout)."""
-        kind, obj, which = self.param_slots[[n for n, _ in self.models[i].named_parameters()].index(name)]
-        if kind == "linear":
-            r, c = obj.rows[i], obj.cols[i]
-            g = obj.weight.grad if which == "weight" else obj.bias.grad
-            return g[i][r[:, None], c[None, :]].T if which == "weight" else g[i, 0, c]
-        return obj[which].grad[i, 0]
-
-    def _extra_state(self, i: int) -> dict:
-        out = {}
-        for e in self.bn:
-            for p in ("weight", "bias", "running_mean", "running_var"):
-                out[f"{e['key']}.{p}"] = e[p].detach()[i, 0].cpu().clone()
-            out[f"{e['key']}.num_batches_tracked"] = e["num_batches_tracked"][i].clone()
-        return out
-
-    def _load_extra_state(self, i: int, sd: dict) -> None:
-        with torch.no_grad():
-            for e in self.bn:
-                for p in ("weight", "bias", "running_mean", "running_var"):
-                    e[p][i, 0] = sd[f"{e['key']}.{p}"].to(self.device, torch.float32)
-                e["num_batches_tracked"][i] = sd[f"{e['key']}.num_batches_tracked"]
-
-    def _slot_any(self, tensors, j, i):
-        kind, obj, which = self.param_slots[j]
-        t = tensors[self.opt_index[j]]
-        if kind == "linear":
-            r, c = obj.rows[i], obj.cols[i]
-            return t[i][r[:, None], c[None, :]].T.cpu().clone() if which == "weight" else t[i, 0, c].cpu().clone()
-        return t[i, 0].cpu().clone()
-
-    def optimiser_state(self, i: int) -> dict:
-        state = {j: {"step": torch.tensor(float(self.opt.step_count[i])),
-                     "exp_avg": self._slot_any(self.opt.exp_avg, j, i),
-                     "exp_avg_sq": self._slot_any(self.opt.exp_avg_sq, j, i)} for j in range(len(self.param_slots))}
-        group = {"lr": self.cfg.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
-                 "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-                 "fused": None, "decoupled_weight_decay": False, "params": list(range(len(self.param_slots)))}
-        return {"opt": {"state": state, "param_groups": [group]}}
-
-    def load_optimiser_state(self, i: int, state: dict) -> None:
-        saved = state["opt"]
-        with torch.no_grad():
-            for j, (kind, obj, which) in enumerate(self.param_slots):
-                st = saved["state"].get(j) or saved["state"].get(str(j))
-                if st is None:
-                    continue
-                for name, tensors in (("exp_avg", self.opt.exp_avg), ("exp_avg_sq", self.opt.exp_avg_sq)):
-                    t = tensors[self.opt_index[j]]
-                    if kind == "linear":
-                        r, c = obj.rows[i], obj.cols[i]
-                        if which == "weight":
-                            t[i][r[:, None], c[None, :]] = st[name].T.to(self.device, torch.float32)
-                        else:
-                            t[i, 0, c] = st[name].to(self.device, torch.float32)
-                    else:
-                        t[i, 0] = st[name].to(self.device, torch.float32)
-                self.opt.step_count[i] = float(st["step"])
-
 
 BANKS = {GANBank.family: GANBank, VAEBank.family: VAEBank}
 
@@ -591,7 +527,6 @@ def make_bank(models: list[ShowerModel], data: list[ShowerData], device="cpu", r
     if fam not in BANKS:
         raise ValueError(f"no bank for family {fam!r}; banks exist for {', '.join(sorted(BANKS))}")
     return BANKS[fam](models, data, device, rng, seeds)
-
 
 
 def train_bank(models: list[ShowerModel], train_data: list[ShowerData], val_data: list[ShowerData], cfg, run_dirs,

@@ -102,20 +102,21 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
     from trainers.checkpoint import CheckpointManager, load_checkpoint
     from trainers.data import load_showers, split_validation
     from trainers.loop import TrainConfig
+    from trainers.reptile import load_compatible
     from zoo import create_model
 
     tcfg = TrainConfig(**{**cfg.train, "device": str(device)})
     out = Path(cfg.out_dir)
     results = {}
+    init = load_checkpoint(cfg.init_checkpoint)["model"] if cfg.init_checkpoint else None
     # banks of similar voxel counts: a bank computes every model at its largest N
     regions = sorted(regions, key=lambda n: (_n_voxels(Path(cfg.data_dir) / f"{n}.h5"), n))
     for b0 in range(0, len(regions), cfg.bank_size):
         names = regions[b0:b0 + cfg.bank_size]
         dirs = [out / n for n in names]
-        starts = []
-        for d in dirs:
-            latest = CheckpointManager(d / "checkpoints").latest()
-            starts.append(0 if latest is None else int(load_checkpoint(latest)["iteration"]))
+        # the iteration each region starts from, from its checkpoint index (no checkpoint is read)
+        starts = [max((e["iteration"] for e in CheckpointManager(d / "checkpoints").entries), default=0)
+                  for d in dirs]
         if min(starts) >= tcfg.iterations:
             for n, d in zip(names, dirs):
                 results[n] = CheckpointManager(d / "checkpoints").best()
@@ -126,10 +127,8 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
             tr, va = split_validation(data, cfg.val_fraction, cfg.min_val_per_energy, seed=cfg.seed)
             torch.manual_seed(cfg.seed)
             model = create_model(cfg.model, **{**cfg.overrides, "readout": data.readout.to_dict()})
-            if cfg.init_checkpoint:
-                from trainers.reptile import load_compatible
-
-                load_compatible(model, load_checkpoint(cfg.init_checkpoint)["model"])
+            if init is not None:
+                load_compatible(model, init)
             models.append(model)
             trains.append(tr)
             vals.append(va)
