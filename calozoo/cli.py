@@ -504,6 +504,122 @@ def tune(model_name, data_path, mode, num_samples, metric, grace_period, reducti
                f"(trial {best['trial']}): {best['overrides']} -> {Path(result.path) / 'best.json'}")
 
 
+def _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu, labels=None):
+    from validate.report import ValidateConfig
+
+    kw = {"labels": tuple(labels)} if labels else {}
+    return ValidateConfig(classifier=classifier, classifier_epochs=epochs, max_showers=max_showers,
+                          per_layer=per_layer, distances=distances, device="cuda" if gpu else "cpu", **kw)
+
+
+_VALIDATE_OPTIONS = [
+    click.option("--classifier", type=click.Choice(["tiny", "cpu", "full", "none"]), default="cpu", show_default=True,
+                 help="Classifier size: tiny (tests), cpu, full (the CaloChallenge's 3x512, 50 epochs; use --gpu)."),
+    click.option("--epochs", type=int, default=None, help="Override the classifier's number of epochs."),
+    click.option("--max-showers", default=50_000, show_default=True, help="At most this many showers per file."),
+    click.option("--per-layer/--no-per-layer", default=True, show_default=True,
+                 help="Histogram every layer's energy, centres, widths and sparsity."),
+    click.option("--distances/--no-distances", default=True, show_default=True, help="FPD and KPD."),
+    click.option("--gpu", is_flag=True, help="Train the classifier on CUDA."),
+]
+
+
+def _with_validate_options(fn):
+    for opt in reversed(_VALIDATE_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("generated", type=click.Path(exists=True, dir_okay=False))
+@click.argument("reference", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_dir", default=None, help="Report folder (default: GENERATED's name + '-validation').")
+@click.option("--readout", default=None, help="Readout name, if the files do not record one.")
+@_with_validate_options
+@click.option("--labels", nargs=2, default=("Geant4", "calozoo"), show_default=True, help="Names of REFERENCE, GENERATED.")
+@click.option("--mlflow", "use_mlflow", is_flag=True, help="Log the report to MLflow (a new run, or --run-id).")
+@click.option("--run-id", default=None, help="Log into this MLflow run (e.g. the model's training run).")
+def validate(generated, reference, out_dir, readout, classifier, epochs, max_showers, per_layer, distances, gpu, labels,
+             use_mlflow, run_id) -> None:
+    """Compare GENERATED showers with REFERENCE showers (CaloChallenge HDF5, same readout): a report
+    (markdown + PNGs) of the high-level features, the classifier AUC/JSD and FPD/KPD."""
+    from validate.report import log_report, validate_files
+
+    out = Path(out_dir or Path(generated).with_suffix("").as_posix() + "-validation")
+    cfg = _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu, labels)
+    try:
+        with _steps("validate") as say:
+            m = validate_files(generated, reference, out, cfg, readout=readout, progress=say)
+    except ValueError as exc:
+        _fail(exc)
+    h = m["headline"]
+    for key in ("auc_low", "jsd_low", "auc_high", "jsd_high", "fpd", "kpd", "sep_power_etot", "max_long_rel",
+                "max_rad_rel"):
+        if key in h:
+            err = f" ± {h[key + '_error']:.2g}" if key + "_error" in h else ""
+            click.echo(f"  {key:16s} {h[key]:.4g}{err}")
+    click.echo(f"report: {out / 'report.md'}")
+    if use_mlflow or run_id:
+        rid = log_report(out, run_id=run_id)
+        click.echo(f"logged to MLflow run {rid}")
+
+
+@main.command("validate-fleet")
+@click.option("--campaign", required=True, help="The campaign the models were registered under.")
+@click.option("--family", required=True, help="Model family (e.g. fastcalogan, par04_vae).")
+@click.option("--reference", "reference_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of held-out <region>.h5 reference files.")
+@click.option("--regions", "patterns", multiple=True, help="Region name or glob (repeatable; default: all).")
+@click.option("-o", "--out", "out_dir", default=None, help="Default: out/validation/CAMPAIGN.FAMILY.")
+@click.option("--alias", default="champion", show_default=True)
+@click.option("--fail", "thresholds", multiple=True, metavar="METRIC<=VALUE",
+              help="A region fails unless METRIC<=VALUE or METRIC>=VALUE (repeatable; default: "
+                   "max_sep_power_etot_per_energy<=0.3, max_long_rel<=0.3, max_rad_rel<=0.2).")
+@_with_validate_options
+@click.option("--offline", is_flag=True, help="Use cached models only.")
+def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias, thresholds, classifier, epochs,
+                       max_showers, per_layer, distances, gpu, offline) -> None:
+    """Validate every region's registered model against its reference showers; one report per
+    region and a summary table of which regions fail the thresholds."""
+    from validate.fleet import DEFAULT_THRESHOLDS, parse_threshold, validate_fleet
+
+    thresholds = thresholds or DEFAULT_THRESHOLDS
+    try:
+        for t in thresholds:
+            parse_threshold(t)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fail") from None
+    out = Path(out_dir or f"out/validation/{campaign}.{family}")
+    cfg = _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu)
+    try:
+        rows = validate_fleet(campaign, family, reference_dir, out, regions=patterns or None, alias=alias, cfg=cfg,
+                              thresholds=thresholds, offline=offline, progress=click.echo)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    failing = [r for r in rows if r["fails"]]
+    for r in rows:
+        click.echo(f"  {r['region']:24s} {'FAIL: ' + '; '.join(r['fails']) if r['fails'] else 'ok'}")
+    click.echo(f"{len(rows)} regions, {len(failing)} failing; summary: {out / 'summary.md'}")
+    if failing:
+        sys.exit(1)
+
+
+class _steps:
+    """A one-line-per-step progress display with elapsed times: ``with _steps("demo") as say: say("...")``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        import time
+
+        self.t0 = time.perf_counter()
+        return lambda text: click.echo(f"[{self.name} {time.perf_counter() - self.t0:6.1f} s] {text}", err=True)
+
+    def __exit__(self, *exc):
+        return False
+
+
 @main.command()
 @click.option("-o", "--out", "out_dir", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("-n", "--n-per-energy", default=300, show_default=True)

@@ -1,0 +1,133 @@
+"""Fleet-level validation: every region's registered champion against that region's reference
+showers, one report per region, and one table of all regions that says which fail a threshold.
+
+:func:`validate_fleet` pulls ``CAMPAIGN.FAMILY.REGION@champion`` for every ``REGION.h5`` of a
+reference folder (held-out showers, e.g. a campaign simulated with another seed), generates showers
+at the reference's incident energies, writes ``OUT/REGION/`` (``validate.report``) and the summary
+``OUT/summary.md`` and ``OUT/summary.csv``. :func:`summarise` rebuilds the summary from the region
+folders alone.
+
+Thresholds are conditions a region must meet, ``METRIC<=VALUE`` or ``METRIC>=VALUE`` on the report's
+headline figures (``validate.report.headline``); a region without a champion, or whose validation
+failed, fails too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from validate.report import ValidateConfig, headline, read_sample, validate_samples
+
+__all__ = ["DEFAULT_THRESHOLDS", "parse_threshold", "summarise", "validate_fleet", "write_summary"]
+
+#: what a region must meet by default: E_tot/E_inc and the mean profiles close to the reference.
+DEFAULT_THRESHOLDS = ("max_sep_power_etot_per_energy<=0.3", "max_long_rel<=0.3", "max_rad_rel<=0.2")
+_THRESHOLD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+SUMMARY_COLUMNS = ("max_sep_power_etot_per_energy", "sep_power_etot", "max_long_rel", "max_rad_rel", "auc_low",
+                   "auc_high", "fpd", "kpd")
+
+
+def parse_threshold(text: str) -> tuple[str, str, float]:
+    """``"auc_low<=0.9"`` → ("auc_low", "<=", 0.9); ValueError naming the accepted form otherwise."""
+    m = _THRESHOLD.match(text)
+    if not m:
+        raise ValueError(f"threshold {text!r}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. max_long_rel<=0.3")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def _failures(row: dict, thresholds) -> list[str]:
+    if "error" in row:
+        return [row["error"]]
+    out = []
+    for text in thresholds:
+        key, op, limit = parse_threshold(text)
+        if key not in row:
+            out.append(f"{key} not measured")
+            continue
+        value = row[key]
+        if not np.isfinite(value) or (value > limit if op == "<=" else value < limit):
+            out.append(f"{key} = {value:.3g} (want {op} {limit:g})")
+    return out
+
+
+def write_summary(rows: list[dict], out_dir, thresholds=DEFAULT_THRESHOLDS) -> list[dict]:
+    """Add ``fails`` to each row (a list of reasons, empty when it passes) and write
+    ``summary.md`` (failing regions first) and ``summary.csv``; return the rows."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        row["fails"] = _failures(row, thresholds)
+    rows = sorted(rows, key=lambda r: (not r["fails"], r["region"]))
+    cols = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
+    failing = [r for r in rows if r["fails"]]
+    lines = ["# Fleet validation", "",
+             f"{len(rows)} regions, **{len(failing)} failing** the thresholds: "
+             + ", ".join(f"`{t}`" for t in thresholds) + ".", "",
+             "| region | model | " + " | ".join(cols) + " | verdict |", "|---|---|" + "---|" * len(cols) + "---|"]
+    for r in rows:
+        cells = [f"{r[c]:.3g}" if c in r else "–" for c in cols]
+        verdict = "FAIL: " + "; ".join(r["fails"]) if r["fails"] else "ok"
+        link = f"[{r['region']}]({r['region']}/report.md)" if "error" not in r else r["region"]
+        lines.append(f"| {link} | {r.get('model', '–')} | " + " | ".join(cells) + f" | {verdict} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["region", "model", *cols, "passes", "fails"])
+        for r in rows:
+            w.writerow([r["region"], r.get("model", ""), *[r.get(c, "") for c in cols], not r["fails"],
+                        "; ".join(r["fails"])])
+    return rows
+
+
+def summarise(out_dir, thresholds=DEFAULT_THRESHOLDS) -> list[dict]:
+    """The summary table from the region folders of ``out_dir`` (each with a ``metrics.json``)."""
+    rows = []
+    for path in sorted(Path(out_dir).glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        rows.append({"region": path.parent.name, "model": m.get("model", ""), **headline(m)})
+    if not rows:
+        raise FileNotFoundError(f"{out_dir}: no <region>/metrics.json")
+    return write_summary(rows, out_dir, thresholds)
+
+
+def validate_fleet(campaign: str, family: str, reference_dir, out_dir, *, regions=None, alias: str = "champion",
+                   cfg: ValidateConfig | None = None, thresholds=DEFAULT_THRESHOLDS, uri: str | None = None,
+                   offline: bool = False, seed: int = 0, progress=None) -> list[dict]:
+    """Validate every region's ``CAMPAIGN.FAMILY.REGION@alias`` against ``reference_dir/REGION.h5``.
+
+    regions: globs selecting regions (default: every file of ``reference_dir``).
+    Returns the summary rows (:func:`write_summary`).
+    """
+    from registry.publish import registered_name
+    from registry.pull import RegistryError, pull
+    from trainers.fleet import list_regions
+
+    for text in thresholds:
+        parse_threshold(text)
+    cfg = cfg or ValidateConfig(classifier="none", per_layer=False)
+    out = Path(out_dir)
+    rows = []
+    names = list_regions(reference_dir, regions)
+    for i, region in enumerate(names):
+        name = registered_name(campaign, family, region)
+        if progress:
+            progress(f"[{i + 1}/{len(names)}] {name}@{alias}")
+        try:
+            gen = pull(f"{name}@{alias}", uri=uri, offline=offline)
+            e, ref, readout = read_sample(Path(reference_dir) / f"{region}.h5", max_showers=cfg.max_showers)
+            showers = gen.generate(e, seed=seed, allow_extrapolation=True)
+            if showers.shape[1] != readout.n_voxels:
+                raise ValueError(f"{name} has {showers.shape[1]} voxels, the reference {readout.n_voxels}")
+            m = validate_samples(e, showers, e, ref, readout, out / region, cfg, title=f"{name} v{gen.version}",
+                                 names=(f"{name}@{alias} (v{gen.version})", f"{region}.h5"))
+            m["model"] = f"{name} v{gen.version}"
+            (out / region / "metrics.json").write_text(json.dumps(m, indent=1, default=float))
+            rows.append({"region": region, "model": m["model"], **m["headline"]})
+        except (RegistryError, ValueError, OSError) as exc:
+            rows.append({"region": region, "model": name, "error": str(exc).splitlines()[0]})
+    return write_summary(rows, out, thresholds)
