@@ -9,6 +9,11 @@ set of 50 for choosing the best checkpoint (FastCaloGAN's χ² sum), the rest fo
 floor: a Geant4 subset of the training set of the report set's size, compared with the report set
 exactly as a model's showers are. The classifier (low-level: log10 E_inc and voxels / E_inc) is
 trained on all energies pooled.
+
+Each model (and the floor) also gets the full validation report (``validate.report``: high-level
+features, classifier AUC/JSD on low- and high-level input, FPD/KPD, profile plots) in
+``OUT/NAME/validation/``, and the summary table of all of them is printed at the end. ``--reuse``
+takes the best checkpoint already in ``OUT/NAME`` instead of training again.
 """
 
 import argparse
@@ -24,6 +29,7 @@ from trainers.data import load_showers, split_validation
 from trainers.loop import TrainConfig, train
 from validate.classifier import ClassifierConfig, classifier_auc, low_level_features
 from validate.compare import compare_per_energy
+from validate.report import ValidateConfig, validate_samples
 from zoo import create_model, model_from_checkpoint
 
 
@@ -37,6 +43,7 @@ def main():
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--classifier-epochs", type=int, default=30)
+    ap.add_argument("--reuse", action="store_true", help="Use the best checkpoint already in OUT/NAME if any.")
     args = ap.parse_args()
     out = Path(args.out)
     data = load_showers(args.data, readout=args.readout)
@@ -55,6 +62,9 @@ def main():
     floor_auc = classifier_auc(low_level_features(tr.showers[idx], tr.energy[idx]), x_report, ccfg)["auc"]
     results = {"floor": {"rows": floor_rows, "auc": floor_auc}}
     print_table("Geant4 vs Geant4 (floor)", floor_rows, floor_auc)
+    vcfg = ValidateConfig(classifier="cpu", classifier_epochs=args.classifier_epochs, labels=("Geant4", "model"))
+    reports = {"Geant4 (floor)": validate_samples(tr.energy[idx], tr.showers[idx], report.energy, report.showers, ro,
+                                                  out / "floor" / "validation", vcfg, title="Geant4 vs Geant4 (floor)")}
 
     for spec in args.models:
         name, iters, *every = spec.split(":")
@@ -62,9 +72,14 @@ def main():
         model = create_model(name)
         t0 = time.perf_counter()
         every = int(every[0]) if every else args.checkpoint_every
-        res = train(model, tr, select, TrainConfig(iterations=int(iters), checkpoint_every=every, device=args.device,
-                                                   progress=False), out / name)
-        best = res.best
+        from trainers.checkpoint import CheckpointManager
+
+        best = CheckpointManager(out / name / "checkpoints").best() if args.reuse else None
+        reused = best is not None
+        if best is None:
+            res = train(model, tr, select, TrainConfig(iterations=int(iters), checkpoint_every=every,
+                                                       device=args.device, progress=False), out / name)
+            best = res.best
         model = model_from_checkpoint(load_checkpoint(out / name / "checkpoints" / best["file"]))
         model.to("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         gen = model.sample(report.energy, generator=torch.Generator(device=model.device).manual_seed(7)).cpu().numpy()
@@ -73,10 +88,24 @@ def main():
         results[name] = {"rows": rows, "auc": a, "best_iteration": best["iteration"], "iterations": int(iters),
                          "seconds": time.perf_counter() - t0,
                          "device": str(model.device), "parameters": sum(p.numel() for p in model.parameters())}
-        print_table(f"{name}: best iteration {best['iteration']} of {iters}, {results[name]['seconds']:.0f} s on "
-                    f"{model.device}", rows, a, floor_rows)
+        cost = "checkpoint reused" if reused else f"{results[name]['seconds']:.0f} s on {model.device}"
+        results[name]["reused"] = reused
+        print_table(f"{name}: best iteration {best['iteration']} of {iters}, {cost}", rows, a, floor_rows)
+        reports[f"{name} (iteration {best['iteration']})"] = validate_samples(
+            report.energy, gen, report.energy, report.showers, ro, out / name / "validation",
+            ValidateConfig(**{**vcfg.__dict__, "labels": ("Geant4", name)}), title=f"{name} vs Geant4 (held out)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(results, indent=1))
+    print("\n### Validation reports (held-out Geant4 split; 0.5 / 0 mean indistinguishable)")
+    print("| sample | AUC low-level (JSD) | AUC high-level (JSD) | FPD | KPD | sep. power E_tot/E_inc | "
+          "worst per energy | max Δ long / radial | mean sep. power of all features |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, m in reports.items():
+        h = m["headline"]
+        print(f"| {label} | {h['auc_low']:.3f} ({h['jsd_low']:.2f}) | {h['auc_high']:.3f} ({h['jsd_high']:.2f}) | "
+              f"{h['fpd']:.3g} ± {h['fpd_error']:.1g} | {h['kpd']:.2g} ± {h['kpd_error']:.1g} | "
+              f"{h['sep_power_etot']:.3f} | {h['max_sep_power_etot_per_energy']:.3f} | "
+              f"{h['max_long_rel']:.1%} / {h['max_rad_rel']:.1%} | {h['mean_sep_power_features']:.3f} |")
 
 
 def print_table(title, rows, auc, floor=None):

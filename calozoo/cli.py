@@ -622,31 +622,18 @@ class _steps:
 
 @main.command()
 @click.option("-o", "--out", "out_dir", default="out/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("-n", "--n-per-energy", default=300, show_default=True)
-@click.option("--no-ray", is_flag=True, help="Do not start Ray (regions one after the other).")
-def demo(out_dir, n_per_energy, no_ray) -> None:
-    """The main job on the embedded defaults: simulate a small multi-region data set of the
-    atlas-like detector (photons, electrons and pions in two |eta| slices) and draw its profiles."""
-    from showers.campaign import CampaignSpec, run_campaign
-    from showers.detector import get_detector
-    from showers.plots import plot_file
+@click.option("--scale", type=click.Choice(["demo", "test"]), default="demo", show_default=True,
+              help="test: the reduced path the test suite runs (a tenth of the work).")
+def demo(out_dir, scale) -> None:
+    """The main job on the embedded defaults (local Ray, the output folder's MLflow store, the
+    built-in simulator): simulate a small detector, sweep, train the fleet, register champions,
+    pull one back, generate and validate. See calozoo/pipeline.py."""
+    from calozoo.pipeline import run_demo
 
-    det = get_detector("atlas-like")
-    regions = det.select(["*_eta_020_025", "*_eta_200_205"])
-    spec = CampaignSpec((1024.0, 4096.0, 16384.0, 65536.0), n_per_energy, seed=1234)
-    data = Path(out_dir) / "data"
-    results = run_campaign(regions, data, spec, use_ray=not no_ray, num_cpus=2)
-    failed = [r for r in results if "error" in r]
-    for r in failed:
-        click.echo(f"FAILED {r['region']}: {r['error']}", err=True)
-    plots = Path(out_dir) / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        if "error" not in r:
-            png = plot_file(r["path"], plots / (Path(r["path"]).stem + ".png"))
-            click.echo(f"{r['region']:22s} {r['n']:6d} showers -> {png}")
-    if failed:
-        sys.exit(1)
+    try:
+        run_demo(out_dir, scale, echo=click.echo)
+    except (FileExistsError, RuntimeError) as exc:
+        _fail(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,61 @@
+"""The main job's reduced path: `calozoo demo --scale test` runs every stage of `make demo`
+(simulate on Ray, ASHA sweep, fleet on Ray Train, registry, pull, generate, validate) on a tenth
+of the work, with a real local Ray, a real MLflow store and real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from calozoo.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CALOZOO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "-o", str(out), "--scale", "test"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    for stage in ("[1/7] simulate", "[2/7] sweep", "[3/7] fleet", "[4/7] register", "[5/7] pull + generate",
+                  "[6/7] validate", "[7/7] summary"):
+        assert stage in r.output
+    assert "MLflow UI:" in r.output and "report:" in r.output
+
+    result = json.loads((out / "demo.json").read_text())
+    assert result["regions"] == ["electron_eta_020_025", "pion_eta_020_025"]
+    # held-out reference files were simulated with another seed than the training files
+    for region in result["regions"]:
+        with h5py.File(out / "data" / "train" / f"{region}.h5") as a, \
+                h5py.File(out / "data" / "reference" / f"{region}.h5") as b:
+            assert a.attrs["seed"] != b.attrs["seed"]
+    # the sweep's winner configured the fleet
+    fleet = json.loads((out / "fleet" / "fleet.json").read_text())
+    assert fleet["config"]["overrides"] == {k: v for k, v in result["sweep_best"].items()}
+    # every region registered, each version @champion
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for region in result["regions"]:
+        mv = client.get_model_version_by_alias(f"calozoo-demo.fastcalogan.{region}", "champion")
+        assert str(mv.version) == "1"
+    assert result["champion"] == "calozoo-demo.fastcalogan.electron_eta_020_025@champion"
+    # the validation report of the pulled model, and the fleet table
+    report = out / "validation" / "electron_eta_020_025"
+    for name in ("report.md", "metrics.json", "profiles.png", "features_etot_einc.png"):
+        assert (report / name).stat().st_size > 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert 0.0 <= metrics["headline"]["auc_low"] <= 1.0 and metrics["n_gen"] == metrics["n_ref"] == 200
+    summary = (out / "validation" / "fleet" / "summary.md").read_text()
+    assert "electron_eta_020_025" in summary and "pion_eta_020_025" in summary
+
+    # a second run into the same folder starts afresh; a folder that is not a demo's is refused
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    r = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "mine"), "--scale", "test"])
+    assert r.exit_code != 0 and "not a calozoo demo folder" in r.output
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
