@@ -107,15 +107,20 @@ def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png,
         for ax in (ax_long, ax_rad, ax_e):
             ax.set_xlabel("")
             ax.tick_params(labelbottom=False)
+        responses = []
         for sample, energy, offset, style, marker, who in ((ref, ref_energy, 0, "-", "o", labels[0]),
                                                           (gen, gen_energy, n_ref, "--", "s", labels[1])):
             rows = _response(sample, energy, all_groups, readout, offset)
+            responses.append(rows[:, 1])
             ax_e.errorbar(rows[:, 0], rows[:, 1], rows[:, 2], color="k", ls=style, marker=marker, mfc="none",
                           label=who, capsize=3)
             ax_res.errorbar(rows[:, 0], rows[:, 3], rows[:, 4], color="k", ls=style, marker=marker, mfc="none",
                             capsize=3)
         ax_e.set_xscale("log")
-        ax_e.set_ylim(auto=True)
+        ys = np.concatenate(responses)
+        if ys.size:  # the response varies by per cent: zoom on it (style_panels starts it at 0)
+            pad = max(0.25 * (ys.max() - ys.min()), 0.01)
+            ax_e.set_ylim(ys.min() - pad, ys.max() + pad)
         ax_e.set_ylabel(r"response $\langle E_\mathrm{tot}/E_\mathrm{inc}\rangle$")
         ax_e.legend(fontsize="small", frameon=False)
         ax_res.set_xlabel(r"$E_\mathrm{inc}$ [GeV]")
@@ -125,7 +130,7 @@ def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png,
         ax_text.legend(handles, texts, loc="upper left", fontsize="small", frameon=False,
                        title=f"solid: {labels[0]}, dashed: {labels[1]}", title_fontsize="small")
         if notes:
-            ax_text.text(0.0, 0.42, notes, va="top", ha="left", family="monospace", fontsize="x-small",
+            ax_text.text(0.0, 0.36, notes, va="top", ha="left", family="monospace", fontsize="x-small",
                          transform=ax_text.transAxes)
         if title:
             fig.suptitle(title)
