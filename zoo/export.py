@@ -7,6 +7,7 @@ its metadata and the parity gate; :func:`onnx_parity` is the comparison both use
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def export_onnx(model: ShowerModel, path, metadata: dict | None = None, batch: i
     noise = torch.randn(batch, model.noise_dim)
     cond = model.encode_conditions(np.full(batch, 10_000.0), *_example_conditions(model, batch)).cpu()
     dim = torch.export.Dim("batch", min=1, max=1 << 20)
+    # The exporter warns once per missing torchvision op ("torchvision is not installed. Skipping
+    # torchvision::nms"): nothing of ours uses them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (noise, cond), str(path), dynamo=True, external_data=False,
