@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,6 @@ class ValidateConfig:
     seed: int = 0
     labels: tuple[str, str] = ("Geant4", "calozoo")
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
 
     def classifier_config(self) -> ClassifierConfig | None:
         if self.classifier == "none":
