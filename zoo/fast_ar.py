@@ -205,7 +205,8 @@ class FastAR(ShowerModel):
         window (B, k, A + 2 n_conv, R): padded features of the k previous layers; factor (B, W, 1, 1),
         shift (B, W, 1, R): FiLM; before (B, 1, 1, 1): fraction of E_inc in earlier layers → (B, P, A, R).
         """
-        x = self.convs[0](window) * factor + shift + before * self.before_weight
+        # the (W, 1, R)-sized terms are summed first: one full-size add instead of two
+        x = self.convs[0](window) * factor + (shift + before * self.before_weight)
         x = F.silu(x)
         for conv in self.convs[1:]:
             x = F.silu(conv(x))
@@ -272,11 +273,18 @@ class FastAR(ShowerModel):
         < … < c_K = 1: the voxel is empty if uniform < c_0, else its component is the number of c_1 … c_{K-1}
         at or below the uniform (tensor comparisons: no argmax, no data-dependent control flow).
         """
-        logits, mu, sigma = self._split(params)
-        cum = torch.softmax(logits, dim=1).cumsum(dim=1)  # (N, 1 + K, A, R)
-        empty = uniform < cum[:, :1]
-        component = (uniform >= cum[:, 1:-1]).sum(dim=1, keepdim=True)  # (N, 1, A, R), int64 in [0, K)
-        log_u = mu.gather(1, component) + sigma.gather(1, component) * n_value
+        K = self.config.n_components
+        logits, mu, raw_scale = params.split([1 + K, K, K], dim=1)
+        # Unnormalised cumulative probabilities compared with uniform × their total: the softmax's
+        # division is folded into the comparison (a softmax over a non-last axis also costs ONNX
+        # Runtime two transposes per layer), and the max is subtracted as a softmax does.
+        cum = torch.exp(logits - logits.amax(dim=1, keepdim=True)).cumsum(dim=1)  # (N, 1 + K, A, R)
+        threshold = uniform * cum[:, -1:]
+        empty = threshold < cum[:, :1]
+        component = (threshold >= cum[:, 1:-1]).sum(dim=1, keepdim=True)  # (N, 1, A, R), int64 in [0, K)
+        # sigma of the chosen component only (softplus is elementwise: the same value as _split's)
+        sigma = F.softplus(raw_scale.gather(1, component)) + self.config.min_scale
+        log_u = mu.gather(1, component) + sigma * n_value
         log_u = torch.clamp(log_u, max=self.config.max_log_fraction)
         return torch.where(empty, torch.zeros_like(log_u), torch.exp(log_u))
 
