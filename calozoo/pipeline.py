@@ -41,7 +41,8 @@ class DemoScale:
     """How big each stage is."""
 
     particles: tuple[str, ...] = ("electron", "pion")
-    eta_slices: tuple[str, ...] = ("020_025", "200_205")
+    # |eta| 0.20-0.25 (368 / 533 voxels) and 3.50-3.55 (92 / 114): a fleet of mixed voxel counts
+    eta_slices: tuple[str, ...] = ("020_025", "350_355")
     energies_mev: tuple[float, ...] = (1024.0, 4096.0, 16384.0, 65536.0)
     n_train: int = 400  # per energy, of which min_val_per_energy are held out for checkpoint selection
     n_reference: int = 300  # per energy, another seed
@@ -52,8 +53,8 @@ class DemoScale:
     sweep_checkpoint_every: int = 100
     sweep_space: tuple[tuple[str, tuple], ...] = (("learning_rate", (5e-5, 1e-4, 2e-4, 4e-4)),
                                                   ("n_critic", (3, 5)))
-    fleet_iterations: int = 1500
-    fleet_checkpoint_every: int = 250
+    fleet_iterations: int = 800
+    fleet_checkpoint_every: int = 200
     workers: int = 2
     classifier: str = "cpu"
     plots: bool = True
@@ -91,6 +92,47 @@ class _Stages:
     def done(self) -> float:
         self._close()
         return time.perf_counter() - self.t0
+
+
+class _FleetProgress:
+    """A progress bar for a fleet running on Ray Train workers: the iterations every region has
+    checkpointed (read from their checkpoint indexes on the shared storage every few seconds)."""
+
+    def __init__(self, fleet_dir: Path, regions: list[str], iterations: int, every: float = 2.0):
+        import threading
+
+        self.dirs = [fleet_dir / r / "checkpoints" / "checkpoints.json" for r in regions]
+        self.total, self.every = iterations * len(regions), every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _done(self) -> int:
+        n = 0
+        for path in self.dirs:
+            try:
+                n += max((e["iteration"] for e in json.loads(path.read_text())), default=0)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # not written yet, or being replaced
+        return n
+
+    def _run(self) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.total, desc="fleet: iterations checkpointed", unit="it") as bar:
+            while not self.stop.wait(self.every):
+                bar.n = self._done()
+                bar.refresh()
+            bar.n = self._done()
+            bar.refresh()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+        return False
 
 
 def _prepare_out(out: Path) -> None:
@@ -168,7 +210,8 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
                            min_val_per_energy=sc.min_val_per_energy, campaign=campaign, tracking_uri=uri,
                            plots=sc.plots, train={"iterations": sc.fleet_iterations,
                                                   "checkpoint_every": sc.fleet_checkpoint_every, "progress": False})
-        summary = run_fleet(fcfg, num_workers=sc.workers)
+        with _FleetProgress(fleet_dir, names, sc.fleet_iterations):
+            summary = run_fleet(fcfg, num_workers=sc.workers)
         missing = [n for n, b in summary["regions"].items() if not b]
         if missing:
             raise RuntimeError(f"the fleet left {len(missing)} regions without a checkpoint: {', '.join(missing)}")
