@@ -120,10 +120,8 @@ class _FleetProgress:
 
         with tqdm(total=self.total, desc="fleet: iterations checkpointed", unit="it") as bar:
             while not self.stop.wait(self.every):
-                bar.n = self._done()
-                bar.refresh()
-            bar.n = self._done()
-            bar.refresh()
+                bar.update(self._done() - bar.n)  # prints only when a checkpoint landed
+            bar.update(self._done() - bar.n)
 
     def __enter__(self):
         self.thread.start()

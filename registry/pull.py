@@ -3,9 +3,11 @@
 ``pull("NAME@champion")`` (an alias), ``pull("NAME@3")`` or ``pull("NAME/3")`` (a version), or
 ``pull("NAME")`` (the champion) returns a :class:`ShowerGenerator` backed by an ONNX Runtime session
 (CUDA provider when available, else CPU). Pulled files are cached in ``$CALOZOO_CACHE`` (default
-``~/.cache/calozoo/models``) under the name and version, with their SHA-256; an alias seen once is
-remembered, so a second pull needs no server (offline: the remembered version; online: the alias is
-resolved again, which moves with the champion).
+``~/.cache/calozoo/models``) under the name and version, with their SHA-256 and the artifact they
+came from: a pull that resolves an alias online pulls the version again when its registry entry now
+points to another artifact (a store recreated at the same place, or another store with the same
+names); an alias seen once is remembered, so a second pull needs no server (offline: the
+remembered version; online: the alias is resolved again, which moves with the champion).
 """
 
 from __future__ import annotations
@@ -131,14 +133,21 @@ def _download(client, name: str, version: str, dest: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cached(dest: Path) -> Path | None:
+def _cached(dest: Path, source: str | None = None) -> Path | None:
+    """The cached ONNX file of ``dest`` if it is intact (and, given ``source``, was pulled from that
+    artifact: a store recreated at the same URI, e.g. a rerun demo, reuses names and versions)."""
     meta, onnx_file = dest / "meta.json", dest / "model.onnx"
     if not (meta.exists() and onnx_file.exists()):
         return None
-    if json.loads(meta.read_text()).get("sha256") != _sha256(onnx_file):
+    info = json.loads(meta.read_text())
+    if info.get("sha256") != _sha256(onnx_file):
         log.warning("%s: cached model does not match its checksum; pulling it again", onnx_file)
         return None
+    if source is not None and info.get("source") != source:
+        log.info("%s: the registry's version now points to %s; pulling it again", onnx_file, source)
+        return None
     return onnx_file
+
 
 
 def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=None) -> ShowerGenerator:
@@ -178,7 +187,14 @@ def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=N
             tmp.write_text(json.dumps(remembered, indent=1))
             os.replace(tmp, aliases_file)
     dest = root / f"v{version}"
-    onnx_file = _cached(dest)
+    source = None
+    if client is not None:
+        try:
+            with quick_http(retries=0, timeout=5):
+                source = client.get_model_version(name, version).source
+        except Exception:  # noqa: BLE001 - the cached copy (if any) is still checked by its checksum
+            source = None
+    onnx_file = _cached(dest, source)
     if onnx_file is None:
         if client is None:
             raise RegistryError(f"{name} v{version} is not in the cache {root} and the registry is not reachable")

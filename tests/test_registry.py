@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from calozoo.cli import main
 from registry import ParityError, RegistryError, publish, pull, train_tracked
 from registry.publish import parity_gate
+from registry.pull import ShowerGenerator
 from registry.tracking import TrackedRun, get_client
 from showers.detector import get_detector
 from showers.formats import read_calochallenge
@@ -120,6 +121,23 @@ def test_register_pull_generate_matches_torch(split, store, tmp_path):
     cached = pull(f"{pub.name}@1", uri="http://127.0.0.1:9")
     assert time.perf_counter() - t0 < 5
     np.testing.assert_array_equal(cached.generate(energies, seed=7), a)
+
+
+def test_a_recreated_store_with_the_same_names_is_not_served_from_the_cache(split, store, tmp_path):
+    """Two stores (or one deleted and made again, as a rerun demo does) both hold test.fastcalogan.r0
+    v1; pulling @champion from the second must not return the first one's cached file."""
+    energies = np.array([4000.0, 64000.0] * 4)
+    outputs = []
+    for i, seed in enumerate((0, 1)):
+        uri = f"sqlite:///{tmp_path / f'store{i}.db'}"
+        train_run(split, tmp_path / f"run{i}", uri, seed=seed)
+        pub = publish(tmp_path / f"run{i}", uri=uri)
+        assert pub.version == "1"
+        gen = pull(f"{pub.name}@champion", uri=uri)
+        own = ShowerGenerator(pub.onnx_path).generate(energies, seed=5)
+        np.testing.assert_array_equal(gen.generate(energies, seed=5), own)
+        outputs.append(own)
+    assert not np.array_equal(outputs[0], outputs[1])
 
 
 def test_champion_moves_only_when_beaten(split, store, tmp_path):
