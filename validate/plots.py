@@ -107,11 +107,12 @@ def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png,
         for ax in (ax_long, ax_rad, ax_e):
             ax.set_xlabel("")
             ax.tick_params(labelbottom=False)
-        responses = []
+        responses, resolutions = [], []
         for sample, energy, offset, style, marker, who in ((ref, ref_energy, 0, "-", "o", labels[0]),
                                                           (gen, gen_energy, n_ref, "--", "s", labels[1])):
             rows = _response(sample, energy, all_groups, readout, offset)
             responses.append(rows[:, 1])
+            resolutions.append(rows[:, 3])
             ax_e.errorbar(rows[:, 0], rows[:, 1], rows[:, 2], color="k", ls=style, marker=marker, mfc="none",
                           label=who, capsize=3)
             ax_res.errorbar(rows[:, 0], rows[:, 3], rows[:, 4], color="k", ls=style, marker=marker, mfc="none",
@@ -123,6 +124,9 @@ def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png,
             ax_e.set_ylim(ys.min() - pad, ys.max() + pad)
         ax_e.set_ylabel(r"response $\langle E_\mathrm{tot}/E_\mathrm{inc}\rangle$")
         ax_e.legend(fontsize="small", frameon=False)
+        res = np.concatenate(resolutions)
+        if res.size and res.min() > 0 and res.max() / res.min() > 5:
+            ax_res.set_yscale("log")  # a calorimeter's resolution falls by a decade over the range
         ax_res.set_xlabel(r"$E_\mathrm{inc}$ [GeV]")
         ax_res.set_ylabel(r"resolution $\sigma/\mu$", fontsize="x-small")
         ax_text.axis("off")
