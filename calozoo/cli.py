@@ -560,7 +560,13 @@ def validate(generated, reference, out_dir, readout, classifier, epochs, max_sho
             click.echo(f"  {key:16s} {h[key]:.4g}{err}")
     click.echo(f"report: {out / 'report.md'}")
     if use_mlflow or run_id:
-        rid = log_report(out, run_id=run_id)
+        from registry.tracking import tracking_uri
+
+        try:
+            rid = log_report(out, run_id=run_id)
+        except Exception as exc:  # noqa: BLE001 - the report is written; say why it is not in MLflow
+            _fail(RuntimeError(f"the report is in {out}, but logging it to MLflow at {tracking_uri()} failed: "
+                               f"{str(exc).splitlines()[0][:300]}"))
         click.echo(f"logged to MLflow run {rid}")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import calozoo
-from registry.tracking import RUN_FILE, get_client, quick_http, tracking_uri
+from registry.tracking import RUN_FILE, fluent_uri, get_client, quick_http, tracking_uri
 from trainers.checkpoint import CheckpointManager, load_checkpoint
 from zoo.base import ShowerModel, model_from_checkpoint
 from zoo.export import OPSET, export_onnx, onnx_parity
@@ -192,9 +192,7 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
     export_onnx(model, onnx_path, metadata=meta)
     parity = parity_gate(model, onnx_path, meta["trained_range"], rtol=rtol)
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run.info.run_id):
+    with fluent_uri(uri), mlflow.start_run(run_id=run.info.run_id):
         info_model = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="generator", save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
@@ -212,7 +210,8 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
             "val_chi2_ndf": f"{best['metrics']['chi2_ndf']:.6g}", "val_sep_power": f"{best['metrics']['sep_power']:.6g}",
             "model": model.variant, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
             "calozoo_version": calozoo.__version__}
-    version = mlflow.register_model(info_model.model_uri, name, tags=tags)
+    with fluent_uri(uri):
+        version = mlflow.register_model(info_model.model_uri, name, tags=tags)
 
     champ = _current_champion(client, name)
     if champ is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from registry.tracking import get_client, quick_http, tracking_uri
+from registry.tracking import fluent_uri, get_client, quick_http, tracking_uri
 
 __all__ = ["RegistryError", "ShowerGenerator", "cache_dir", "parse_ref", "pull", "session_options"]
 
@@ -112,8 +112,9 @@ def _download(client, name: str, version: str, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=dest.parent))
     try:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                             dst_path=str(tmp), tracking_uri=client.tracking_uri))
+            with fluent_uri(client.tracking_uri):  # models:/ URIs are resolved by the registry URI
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                                 dst_path=str(tmp), tracking_uri=client.tracking_uri))
         except Exception as exc:
             raise RegistryError(f"{name} v{version}: its artifact ({mv.source}) is missing or unreadable: "
                                 f"{_first_line(exc)}") from None

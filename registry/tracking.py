@@ -67,6 +67,30 @@ def quick_http(retries: int = 1, timeout: float = 10.0):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def fluent_uri(uri: str):
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``register_model``) at ``uri``
+    for a block, then put back what was there: ``mlflow.set_tracking_uri`` also writes
+    ``MLFLOW_TRACKING_URI`` into ``os.environ``, which would silently move every later call of the
+    process (and its subprocesses) to that store."""
+    import mlflow
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    old = {k: os.environ.get(k) for k in keys}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(old["MLFLOW_REGISTRY_URI"])
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def get_client(uri: str | None = None):
     from mlflow import MlflowClient
 

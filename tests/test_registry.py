@@ -4,6 +4,7 @@ by name and generating with ONNX Runtime. The tests against a real `mlflow serve
 test_registry_server.py."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -83,6 +84,9 @@ def test_register_pull_generate_matches_torch(split, store, tmp_path):
     _, run = train_run(split, tmp_path / "run", store)
     pub = publish(tmp_path / "run")
     assert pub.name == "test.fastcalogan.r0" and pub.version == "1" and pub.champion
+    # publishing leaves the process's default store as it was (MLflow's set_tracking_uri writes it
+    # into os.environ)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
     assert pub.parity["max_rel_diff"] <= 1e-4
 
     # the exported file carries what a consumer needs

@@ -4,6 +4,7 @@ the report on real HDF5 files, its MLflow logging, and the fleet summary."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,11 +15,21 @@ from showers.errors import ShowerDataError
 from showers.formats import write_calochallenge
 from showers.readout import get_readout
 from showers.simulator import ShowerSimulator
-from validate.classifier import SIZES, ClassifierConfig, classifier_auc, jsd_from_probabilities
+from validate.classifier import (
+    SIZES,
+    ClassifierConfig,
+    classifier_auc,
+    jsd_from_probabilities,
+)
 from validate.distances import fpd, frechet_distance, kpd
 from validate.features import compare_features, high_level_features
 from validate.fleet import parse_threshold, summarise, write_summary
-from validate.report import ValidateConfig, log_report, read_sample, validate_files, validate_samples
+from validate.report import (
+    ValidateConfig,
+    log_report,
+    read_sample,
+    validate_samples,
+)
 
 
 # -- FPD and KPD -------------------------------------------------------------------------------------
@@ -147,9 +158,10 @@ def test_report_of_a_sample_against_itself_and_against_another_seed(samples, tmp
     assert "classifier AUC, low-level" in text and "FPD" in text and "| 32 |" in text
 
 
-def test_validate_command_writes_the_report_and_logs_it_to_mlflow(samples, tmp_path):
+def test_validate_command_writes_the_report_and_logs_it_to_mlflow(samples, tmp_path, monkeypatch):
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     readout, e, x1, x2 = samples
     gen, ref = _write(tmp_path / "gen.h5", e, 0.8 * x2, readout), _write(tmp_path / "ref.h5", e, x1, readout)
     out = tmp_path / "report"
@@ -160,11 +172,25 @@ def test_validate_command_writes_the_report_and_logs_it_to_mlflow(samples, tmp_p
     m = json.loads((out / "metrics.json").read_text())
     assert m["headline"]["sep_power_etot"] > 0.9  # 20 % of the energy missing is obvious
     run_id = r.output.strip().split()[-1]
-    run = mlflow.MlflowClient().get_run(run_id)
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
     assert run.data.metrics["val_sep_power_etot"] == pytest.approx(m["headline"]["sep_power_etot"])
-    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "validation")}
+    arts = {a.path for a in client.list_artifacts(run_id, "validation")}
     assert "validation/report.md" in arts and "validation/profiles.png" in arts
     assert log_report(out, run_id=run_id) == run_id  # into an existing run
+
+
+def test_validate_keeps_the_report_when_mlflow_is_unreachable(samples, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    readout, e, x1, x2 = samples
+    gen, ref = _write(tmp_path / "gen.h5", e, x2, readout), _write(tmp_path / "ref.h5", e, x1, readout)
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(main, ["validate", str(gen), str(ref), "-o", str(tmp_path / "rep"), "--classifier", "none",
+                                  "--no-distances", "--no-per-layer", "--mlflow"])
+    assert r.exit_code != 0 and "logging it to MLflow at http://127.0.0.1:9 failed" in r.output
+    assert (tmp_path / "rep" / "report.md").exists() and time.perf_counter() - t0 < 90
 
 
 def test_validate_names_the_bad_file(tmp_path, samples):

@@ -310,13 +310,20 @@ def log_report(out_dir, *, run_id: str | None = None, experiment: str = "calozoo
     """Log a report folder to MLflow: its headline figures as metrics (prefixed ``val_``), the
     folder as artifacts under ``validation/``. Into ``run_id`` if given (e.g. the model's training
     run), else a new run of ``experiment``. Returns the run id."""
-    import mlflow
 
-    from registry.tracking import get_client, get_experiment_id
+    from registry.tracking import get_client, quick_http
 
     out = Path(out_dir)
     metrics = json.loads((out / "metrics.json").read_text())
-    client = get_client(uri)
+    with quick_http(retries=1, timeout=30):  # an unreachable server fails in seconds, not minutes
+        return _log_report(out, metrics, get_client(uri), run_id, experiment, run_name)
+
+
+def _log_report(out: Path, metrics: dict, client, run_id, experiment, run_name) -> str:
+    import mlflow
+
+    from registry.tracking import get_experiment_id
+
     if run_id is None:
         run = client.create_run(get_experiment_id(client, experiment), run_name=run_name or out.name)
         run_id = run.info.run_id
