@@ -14,8 +14,8 @@
    ONNX, gated (ONNX Runtime equals torch within 1e-4) and registered as
    ``CAMPAIGN.FAMILY.REGION``, ``@champion`` if it beats the current one.
 5. **pull** one model back by name from the registry and **generate** showers (ONNX Runtime).
-6. **validate** them against the held-out reference (full report), and every region's champion
-   (the fleet table).
+6. **validate** them against the held-out reference (full report, logged to that region's training
+   run), and every region's champion (the fleet table, logged to the fleet's run).
 
 Everything is logged to the embedded MLflow store of the output folder (``OUT/mlflow.db``) unless
 ``MLFLOW_TRACKING_URI`` says otherwise. :data:`SCALES` holds the full demo and the reduced path the
@@ -151,13 +151,19 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
 
     from registry.publish import publish
     from registry.pull import pull
+    from registry.tracking import RUN_FILE, get_client
     from showers.campaign import CampaignSpec, run_campaign
     from showers.detector import get_detector
     from showers.plots import plot_file
     from trainers.fleet import FleetConfig, run_fleet
     from tune.sweep import SweepConfig, load_best, run_sweep
     from validate.fleet import validate_fleet
-    from validate.report import ValidateConfig, read_sample, validate_samples
+    from validate.report import (
+        ValidateConfig,
+        log_report,
+        read_sample,
+        validate_samples,
+    )
 
     sc = SCALES[scale] if isinstance(scale, str) else scale
     out = Path(out_dir).resolve()
@@ -242,6 +248,12 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
                                    progress=lambda s: echo(f"  {s}"))
         rows = validate_fleet(campaign, published[chosen].name.split(".")[1], ref_dir, out / "validation" / "fleet", uri=uri,
                               cfg=ValidateConfig(classifier="none", per_layer=False, plots=False, fpd_batches=5))
+        # the report goes into the champion's training run, the fleet table into the fleet's run
+        run_of = {d: json.loads((d / RUN_FILE).read_text())["run_id"] for d in (fleet_dir / chosen, fleet_dir / "_fleet")}
+        log_report(report_dir, run_id=run_of[fleet_dir / chosen], uri=uri)
+        get_client(uri).log_artifacts(run_of[fleet_dir / "_fleet"], str(out / "validation" / "fleet"), "validation")
+        echo(f"  logged to MLflow: the report to run {run_of[fleet_dir / chosen]} ({chosen}), the fleet table to "
+             f"the fleet's run {run_of[fleet_dir / '_fleet']}")
 
         stage("summary", "where everything is")
         seconds = stage.done()

@@ -52,6 +52,12 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
     assert 0.0 <= metrics["headline"]["auc_low"] <= 1.0 and metrics["n_gen"] == metrics["n_ref"] == 200
     summary = (out / "validation" / "fleet" / "summary.md").read_text()
     assert "electron_eta_020_025" in summary and "pion_eta_020_025" in summary
+    # ... both logged to MLflow: the report into the champion's training run, the table into the fleet's
+    run_id = json.loads((out / "fleet" / "electron_eta_020_025" / "mlflow-run.json").read_text())["run_id"]
+    assert "val_auc_low" in client.get_run(run_id).data.metrics
+    assert "validation/report.md" in {a.path for a in client.list_artifacts(run_id, "validation")}
+    fleet_run = json.loads((out / "fleet" / "_fleet" / "mlflow-run.json").read_text())["run_id"]
+    assert "validation/summary.md" in {a.path for a in client.list_artifacts(fleet_run, "validation")}
 
     # a second run into the same folder starts afresh; a folder that is not a demo's is refused
     (tmp_path / "mine").mkdir()
