@@ -19,12 +19,13 @@ takes the best checkpoint already in ``OUT/NAME`` instead of training again.
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainers.checkpoint import load_checkpoint
+from trainers.checkpoint import CheckpointManager, load_checkpoint
 from trainers.data import load_showers, split_validation
 from trainers.loop import TrainConfig, train
 from validate.classifier import ClassifierConfig, classifier_auc, low_level_features
@@ -72,8 +73,6 @@ def main():
         model = create_model(name)
         t0 = time.perf_counter()
         every = int(every[0]) if every else args.checkpoint_every
-        from trainers.checkpoint import CheckpointManager
-
         best = CheckpointManager(out / name / "checkpoints").best() if args.reuse else None
         reused = best is not None
         if best is None:
@@ -93,7 +92,7 @@ def main():
         print_table(f"{name}: best iteration {best['iteration']} of {iters}, {cost}", rows, a, floor_rows)
         reports[f"{name} (iteration {best['iteration']})"] = validate_samples(
             report.energy, gen, report.energy, report.showers, ro, out / name / "validation",
-            ValidateConfig(**{**vcfg.__dict__, "labels": ("Geant4", name)}), title=f"{name} vs Geant4 (held out)")
+            replace(vcfg, labels=("Geant4", name)), title=f"{name} vs Geant4 (held out)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     print("\n### Validation reports (held-out Geant4 split; 0.5 / 0 mean indistinguishable)")

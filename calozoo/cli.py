@@ -548,8 +548,7 @@ def validate(generated, reference, out_dir, readout, classifier, epochs, max_sho
     out = Path(out_dir or Path(generated).with_suffix("").as_posix() + "-validation")
     cfg = _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu, labels)
     try:
-        with _steps("validate") as say:
-            m = validate_files(generated, reference, out, cfg, readout=readout, progress=say)
+        m = validate_files(generated, reference, out, cfg, readout=readout, progress=_step_printer("validate"))
     except ValueError as exc:
         _fail(exc)
     h = m["headline"]
@@ -610,20 +609,12 @@ def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias
         sys.exit(1)
 
 
-class _steps:
-    """A one-line-per-step progress display with elapsed times: ``with _steps("demo") as say: say("...")``."""
+def _step_printer(name: str):
+    """``say(text)`` printing one progress line per step with the elapsed time: ``[name  12.3 s] text``."""
+    import time
 
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        import time
-
-        self.t0 = time.perf_counter()
-        return lambda text: click.echo(f"[{self.name} {time.perf_counter() - self.t0:6.1f} s] {text}", err=True)
-
-    def __exit__(self, *exc):
-        return False
+    t0 = time.perf_counter()
+    return lambda text: click.echo(f"[{name} {time.perf_counter() - t0:6.1f} s] {text}", err=True)
 
 
 @main.command()

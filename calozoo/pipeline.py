@@ -249,11 +249,11 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
         rows = validate_fleet(campaign, published[chosen].name.split(".")[1], ref_dir, out / "validation" / "fleet", uri=uri,
                               cfg=ValidateConfig(classifier="none", per_layer=False, plots=False, fpd_batches=5))
         # the report goes into the champion's training run, the fleet table into the fleet's run
-        run_of = {d: json.loads((d / RUN_FILE).read_text())["run_id"] for d in (fleet_dir / chosen, fleet_dir / "_fleet")}
-        log_report(report_dir, run_id=run_of[fleet_dir / chosen], uri=uri)
-        get_client(uri).log_artifacts(run_of[fleet_dir / "_fleet"], str(out / "validation" / "fleet"), "validation")
-        echo(f"  logged to MLflow: the report to run {run_of[fleet_dir / chosen]} ({chosen}), the fleet table to "
-             f"the fleet's run {run_of[fleet_dir / '_fleet']}")
+        region_run, fleet_run = (json.loads((fleet_dir / d / RUN_FILE).read_text())["run_id"] for d in (chosen, "_fleet"))
+        log_report(report_dir, run_id=region_run, uri=uri)
+        get_client(uri).log_artifacts(fleet_run, str(out / "validation" / "fleet"), "validation")
+        echo(f"  logged to MLflow: the report to run {region_run} ({chosen}), the fleet table to the fleet's run "
+             f"{fleet_run}")
 
         stage("summary", "where everything is")
         seconds = stage.done()

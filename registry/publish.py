@@ -192,25 +192,25 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
     export_onnx(model, onnx_path, metadata=meta)
     parity = parity_gate(model, onnx_path, meta["trained_range"], rtol=rtol)
 
-    with fluent_uri(uri), mlflow.start_run(run_id=run.info.run_id):
-        info_model = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="generator", save_as_external_data=False,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            metadata={k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in meta.items()})
-        mlflow.set_tags({"registered_as": name, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}"})
-
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        client.create_registered_model(
-            name, tags={"campaign": campaign, "family": model.family, "region": region},
-            description=f"calozoo {model.family} generator for region {region} of campaign {campaign}: "
-                        f"(noise, conditions) -> {model.n_voxels} voxel energies in MeV ({model.readout.name}).")
-    tags = {"iteration": str(best["iteration"]), f"val_{METRIC}": f"{metric:.9g}",
-            "val_chi2_ndf": f"{best['metrics']['chi2_ndf']:.6g}", "val_sep_power": f"{best['metrics']['sep_power']:.6g}",
-            "model": model.variant, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
-            "calozoo_version": calozoo.__version__}
     with fluent_uri(uri):
+        with mlflow.start_run(run_id=run.info.run_id):
+            info_model = mlflow.onnx.log_model(
+                onnx.load(str(onnx_path)), name="generator", save_as_external_data=False,
+                onnx_execution_providers=["CPUExecutionProvider"],
+                metadata={k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in meta.items()})
+            mlflow.set_tags({"registered_as": name, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}"})
+
+        try:
+            client.get_registered_model(name)
+        except Exception:
+            client.create_registered_model(
+                name, tags={"campaign": campaign, "family": model.family, "region": region},
+                description=f"calozoo {model.family} generator for region {region} of campaign {campaign}: "
+                            f"(noise, conditions) -> {model.n_voxels} voxel energies in MeV ({model.readout.name}).")
+        tags = {"iteration": str(best["iteration"]), f"val_{METRIC}": f"{metric:.9g}",
+                "val_chi2_ndf": f"{best['metrics']['chi2_ndf']:.6g}", "val_sep_power": f"{best['metrics']['sep_power']:.6g}",
+                "model": model.variant, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
+                "calozoo_version": calozoo.__version__}
         version = mlflow.register_model(info_model.model_uri, name, tags=tags)
 
     champ = _current_champion(client, name)

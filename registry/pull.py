@@ -150,7 +150,6 @@ def _cached(dest: Path, source: str | None = None) -> Path | None:
     return onnx_file
 
 
-
 def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=None) -> ShowerGenerator:
     """A :class:`ShowerGenerator` for a registered model (see the module docstring)."""
     name, alias, version = parse_ref(ref)

@@ -89,7 +89,7 @@ def summarise(out_dir, thresholds=DEFAULT_THRESHOLDS) -> list[dict]:
     rows = []
     for path in sorted(Path(out_dir).glob("*/metrics.json")):
         m = json.loads(path.read_text())
-        rows.append({"region": path.parent.name, "model": m.get("model", ""), **headline(m)})
+        rows.append({"region": path.parent.name, "model": m["generated"], **headline(m)})
     if not rows:
         raise FileNotFoundError(f"{out_dir}: no <region>/metrics.json")
     return write_summary(rows, out_dir, thresholds)
@@ -125,9 +125,7 @@ def validate_fleet(campaign: str, family: str, reference_dir, out_dir, *, region
                 raise ValueError(f"{name} has {showers.shape[1]} voxels, the reference {readout.n_voxels}")
             m = validate_samples(e, showers, e, ref, readout, out / region, cfg, title=f"{name} v{gen.version}",
                                  names=(f"{name}@{alias} (v{gen.version})", f"{region}.h5"))
-            m["model"] = f"{name} v{gen.version}"
-            (out / region / "metrics.json").write_text(json.dumps(m, indent=1, default=float))
-            rows.append({"region": region, "model": m["model"], **m["headline"]})
+            rows.append({"region": region, "model": m["generated"], **m["headline"]})
         except (RegistryError, ValueError, OSError) as exc:
             rows.append({"region": region, "model": name, "error": str(exc).splitlines()[0]})
     return write_summary(rows, out, thresholds)

@@ -1,9 +1,10 @@
 """FullSim-against-MLSim plots: the reference (Geant4) as solid lines, the model as dashed lines.
 
 :func:`plot_comparison` draws, for up to ``max_energies`` incident energies, the mean longitudinal
-profile, the mean radial profile and the E_tot/E_inc distribution, in the style of the Par04
-validation figure, so that one look tells whether a model is good. The figure is built without
-pyplot (Agg canvas, mplhep's ROOT style only inside the call).
+and radial profiles with their ratios, and the response and resolution against the incident energy,
+in the style of the Par04 validation figure, so that one look tells whether a model is good;
+:func:`plot_features` draws the histograms of the high-level features. Figures are built without
+pyplot (Agg canvas; mplhep's ROOT style only inside the call).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from showers.formats import iter_calochallenge
+from showers.formats import iter_calochallenge, open_h5
 from showers.plots import energy_groups, resolve_readout
 from showers.readout import Readout
 from validate.classifier import (
@@ -89,16 +89,10 @@ def read_sample(path, readout=None, max_showers: int = 50_000, *,
     data_checks: also the checks meant for data (units, negative energies, E_tot/E_inc < 2); a
         generated file, which a poor model may fill with ten times the incident energy, is only
         checked for non-finite values."""
-    import h5py
-
     from showers.errors import ShowerDataError
 
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ShowerDataError(path, f"not a readable HDF5 file: {exc}") from exc
-    with f:
+    with open_h5(path) as f:
         if "showers" not in f or f["showers"].ndim != 2:
             raise ShowerDataError(path, "dataset missing or not (N, n_voxels)", dataset="showers")
         n, width = f["showers"].shape
@@ -130,7 +124,8 @@ def _layers_to_draw(e_layer_ref: np.ndarray, n: int) -> set[int]:
 
 def headline(metrics: dict) -> dict[str, float]:
     """The report's figures as a flat {name: value} (what goes to MLflow and the fleet table)."""
-    out = {"sep_power_etot": metrics["features"][0]["sep_power"], "chi2_ndf_etot": metrics["features"][0]["chi2_ndf"]}
+    etot = next(f for f in metrics["features"] if f["label"] == "etot_einc")  # all showers
+    out = {"sep_power_etot": etot["sep_power"], "chi2_ndf_etot": etot["chi2_ndf"]}
     per_e = metrics["per_energy"]
     out["max_sep_power_etot_per_energy"] = max(r["sep_power"] for r in per_e)
     out["max_long_rel"] = max(r["long_max_rel"] for r in per_e)
@@ -294,12 +289,8 @@ def validate_files(generated, reference, out_dir, cfg: ValidateConfig | None = N
     """:func:`validate_samples` on two CaloChallenge-format HDF5 files of the same readout."""
     cfg = cfg or ValidateConfig()
     gen_e, gen_x, gen_ro = read_sample(generated, readout, cfg.max_showers, data_checks=False)
+    # read with the generated file's readout: a reference of another width is refused, naming it
     ref_e, ref_x, ref_ro = read_sample(reference, readout or gen_ro, cfg.max_showers)
-    if gen_ro.n_voxels != ref_ro.n_voxels:
-        from showers.errors import ShowerDataError
-
-        raise ShowerDataError(reference, f"readout {ref_ro.name!r} ({ref_ro.n_voxels} voxels) differs from "
-                              f"{generated}'s {gen_ro.name!r} ({gen_ro.n_voxels})")
     title = f"{Path(generated).name} vs {Path(reference).name}"
     return validate_samples(gen_e, gen_x, ref_e, ref_x, ref_ro, out_dir, cfg, title=title,
                             names=(str(generated), str(reference)), progress=progress)
@@ -310,31 +301,22 @@ def log_report(out_dir, *, run_id: str | None = None, experiment: str = "calozoo
     """Log a report folder to MLflow: its headline figures as metrics (prefixed ``val_``), the
     folder as artifacts under ``validation/``. Into ``run_id`` if given (e.g. the model's training
     run), else a new run of ``experiment``. Returns the run id."""
+    import mlflow
 
-    from registry.tracking import get_client, quick_http
+    from registry.tracking import get_client, get_experiment_id, quick_http
 
     out = Path(out_dir)
     metrics = json.loads((out / "metrics.json").read_text())
     with quick_http(retries=1, timeout=30):  # an unreachable server fails in seconds, not minutes
-        return _log_report(out, metrics, get_client(uri), run_id, experiment, run_name)
-
-
-def _log_report(out: Path, metrics: dict, client, run_id, experiment, run_name) -> str:
-    import mlflow
-
-    from registry.tracking import get_experiment_id
-
-    if run_id is None:
-        run = client.create_run(get_experiment_id(client, experiment), run_name=run_name or out.name)
-        run_id = run.info.run_id
-        new = True
-    else:
-        new = False
-    ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"val_{k}", v, ts, 0)
-                                      for k, v in metrics["headline"].items() if math.isfinite(v)])
-    client.set_tag(run_id, "validation_reference", metrics["reference"])
-    client.log_artifacts(run_id, str(out), "validation")
-    if new:
-        client.set_terminated(run_id)
+        client = get_client(uri)
+        new = run_id is None
+        if new:
+            run_id = client.create_run(get_experiment_id(client, experiment), run_name=run_name or out.name).info.run_id
+        ts = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"val_{k}", v, ts, 0)
+                                          for k, v in metrics["headline"].items() if math.isfinite(v)])
+        client.set_tag(run_id, "validation_reference", metrics["reference"])
+        client.log_artifacts(run_id, str(out), "validation")
+        if new:
+            client.set_terminated(run_id)
     return run_id
