@@ -154,12 +154,39 @@ def test_vae_loss_is_summed_bce_plus_weighted_kl():
 
 
 def test_vae_generate_is_the_decoder_times_the_incident_energy():
-    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3).eval()
+    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, spot_energy_mev=0.0).eval()
     energy = np.array([2e3, 64e3])
     cond = model.encode_conditions(energy)
     z = torch.randn(2, 3)
     expected = torch.sigmoid(model.decode_logits(z, cond)) * torch.tensor(energy, dtype=torch.float32)[:, None]
     torch.testing.assert_close(model.generate(z, cond), expected)
+
+
+def test_vae_voxel_fluctuations_keep_the_mean_and_give_the_compound_poisson_occupancy():
+    """With spot_energy_mev = ε, one decoded shower (fixed z) drawn many times: each voxel is empty with
+    probability exp(-μ/ε), its mean over the draws is the decoder's μ, the total is the decoder's, and
+    no voxel exceeds E_inc."""
+    torch.manual_seed(0)
+    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, spot_energy_mev=2.0).eval()
+    assert model.noise_dim == 3 + 2 * 8
+    n = 40000
+    cond = model.encode_conditions(np.full(n, 20e3))
+    noise = torch.randn(n, model.noise_dim, generator=torch.Generator().manual_seed(1))
+    noise[:, :3] = noise[0, :3]  # one latent point
+    with torch.no_grad():
+        x = model.generate(noise, cond).double()
+        mu = (torch.sigmoid(model.decode_logits(noise[:1, :3], cond[:1])) * 20e3).double()[0]
+    assert float(x.max()) <= 20e3 and float(x.min()) >= 0.0
+    p_hit = 1 - torch.exp(-mu / 2.0)
+    occupancy = (x > 0).double().mean(0)
+    assert torch.all((occupancy - p_hit).abs() <= 4 * torch.sqrt(p_hit * (1 - p_hit) / n) + 1e-3)
+    # the shower keeps the decoder's total; each voxel's mean stays μ (the compound's standard
+    # deviation is ε sqrt(2 μ/ε); a little more for the rescaling to the total)
+    torch.testing.assert_close(x.sum(1), mu.sum().expand(n), rtol=1e-5, atol=0.0)
+    se = torch.sqrt(2 * mu * 2.0 / n)
+    assert torch.all((x.mean(0) - mu).abs() <= 5 * se + 1e-3 * mu), (x.mean(0), mu)
+    # and the fluctuations are not the mean alone: a busy voxel varies
+    assert float(x.std(0).max()) > 0.01 * float(mu.max())
 
 
 # -- the autoregressive model -----------------------------------------------------------------------

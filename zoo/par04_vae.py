@@ -15,6 +15,22 @@ The model of Par04's ``training/core/model.py``, in PyTorch:
 Inference (``generate``) is the decoder alone: z ~ N(0, 1) of size latent_dim is the noise, and the
 sigmoid output times the incident energy (recovered from the encoded conditions) gives MeV.
 
+Voxel fluctuations (``spot_energy_mev`` = ε > 0; calozoo's addition, off in Par04's variants). The
+decoder's output μ is a voxel's *mean* energy given z: every voxel is hit and fluctuates only through
+z, whereas a Geant4 voxel is empty or holds a few discrete deposits (at 1 GeV in PbWO4, 92 % of the
+voxels are empty). With ε set, each voxel is drawn around μ like the built-in simulator's spots: a
+compound Poisson sum of exponential deposits of mean ε, so P(hit) = 1 - exp(-μ/ε), and given a hit
+a log-normal with that compound's conditional mean μ/P(hit) and variance (its cv² = P (2ε/μ + 1) - 1:
+1 for a rarely hit voxel, 2ε/μ for a busy one), so the mean stays μ; the voxels are then scaled
+together so that the shower keeps the decoder's total (alone, the spots would add a spread of
+√(2ε/E) to E_tot/E_inc: 4.5 % at 1 GeV, where Geant4's is 1.3 %). Two more standard normals per
+voxel are appended to the noise (noise_dim = latent_dim + 2 n_voxels: the hit draw through the
+normal CDF, then the log-normal's), which keeps the exported graph a pure function of (noise,
+conditions). ε = 1 MeV reproduces the fraction of non-empty voxels of the Geant4 PbWO4 file at every
+energy from 1 to 256 GeV (8 % to 91 %) within 0.03. On the held-out Geant4 split, a par04_vae_pbwo4
+trained for 8000 iterations went from a low-level classifier AUC of 0.971 to 0.948, a high-level one
+of 1.000 to 0.984, and an FPD of 6.06 to 1.45 (``benchmarks/g4_quality.py``, validation reports).
+
 Departures from the Keras original, on purpose: PyTorch's default (Kaiming-uniform) initialisation
 instead of Keras ``RandomNormal(stddev=0.05)``; the BCE is computed from the decoder's logits
 (``binary_cross_entropy_with_logits``), which equals BCE of the sigmoid output without the
@@ -62,6 +78,8 @@ class Par04VAEConfig(ModelConfig):
         ``activation="leaky_relu"`` resolves to).
     batch_norm: batch norm after each hidden activation, as in Par04.
     kl_weight: weight of the KL term against the summed BCE.
+    spot_energy_mev: ε of the voxel fluctuations drawn at inference (module docstring); 0: none, the
+        decoder's mean as in Par04. Training is the same either way.
     learning_rate, batch_size: read by the likelihood trainer (Par04: Adam, 1e-3, 100 per replica).
     """
 
@@ -74,6 +92,7 @@ class Par04VAEConfig(ModelConfig):
     leaky_slope: float = 0.2
     batch_norm: bool = True
     kl_weight: float = 1.0
+    spot_energy_mev: float = 0.0
     learning_rate: float = 1e-3
     batch_size: int = 100
 
@@ -88,6 +107,8 @@ class Par04VAEConfig(ModelConfig):
             raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if not self.spot_energy_mev >= 0:
+            raise ValueError(f"spot_energy_mev must be >= 0, got {self.spot_energy_mev}")
 
 
 @dataclass
@@ -136,7 +157,8 @@ class Par04VAE(ShowerModel):
 
     @property
     def noise_dim(self) -> int:
-        return self.config.latent_dim
+        n = self.config.latent_dim
+        return n + 2 * self.n_voxels if self.config.spot_energy_mev > 0 else n
 
     # -- the two halves ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +173,32 @@ class Par04VAE(ShowerModel):
 
     # -- the interface ---------------------------------------------------------------------------
     def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """noise (N, latent_dim) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) in MeV."""
-        fractions = torch.sigmoid(self.decode_logits(noise, conditions))
-        return self.postprocess(fractions, self.energy_from_conditions(conditions))
+        """noise (N, noise_dim) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) in MeV."""
+        latent = self.config.latent_dim
+        fractions = torch.sigmoid(self.decode_logits(noise[:, :latent], conditions))
+        energy = self.energy_from_conditions(conditions)
+        mean = self.postprocess(fractions, energy)
+        if self.config.spot_energy_mev > 0:
+            return self._fluctuate(mean, noise[:, latent:], energy)
+        return mean
+
+    def _fluctuate(self, mean: torch.Tensor, noise: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """Voxel energies drawn around their means (N, n_voxels) MeV with noise (N, 2 n_voxels)
+        (module docstring); never above the incident energy (N,) or (N, 1) MeV."""
+        n = self.n_voxels
+        lam = mean / self.config.spot_energy_mev  # expected deposits per voxel
+        p_hit = 1.0 - torch.exp(-lam)
+        hit = 0.5 * (1.0 + torch.erf(noise[:, :n] * (0.5**0.5))) < p_hit
+        p = p_hit.clamp_min(1e-12)
+        cv2 = (p * (2.0 / lam.clamp_min(1e-12) + 1.0) - 1.0).clamp_min(0.0)
+        s2 = torch.log1p(cv2)
+        value = mean / p * torch.exp(torch.sqrt(s2) * noise[:, n:] - 0.5 * s2)
+        value = torch.where(hit, value, torch.zeros_like(value))
+        # the shower keeps the decoder's total (its E_tot/E_inc is what the VAE learned): only the
+        # voxels fluctuate, as the simulator's spots share a shower's deposit
+        total = value.sum(1, keepdim=True)
+        value = value * (mean.sum(1, keepdim=True) / total.clamp_min(1e-6))
+        return torch.minimum(value, energy.reshape(-1, 1))
 
     def losses(self, batch: dict) -> dict:
         """{"loss", "reconstruction", "kl"}: per-shower sums over voxels / latent dims, batch means.
@@ -198,6 +243,7 @@ def par04_vae_ds2(**overrides) -> Par04VAE:
 
 @register_model
 def par04_vae_pbwo4(**overrides) -> Par04VAE:
-    """The Geant4 PbWO4 reference readout 'g4-pbwo4' (45 × 16 × 9), energy only, log-encoded (see above)."""
-    return _create("par04_vae_pbwo4", dict(readout="g4-pbwo4", conditions=LOG_ENERGY_CONDITIONS.to_dict()),
-                   overrides)
+    """The Geant4 PbWO4 reference readout 'g4-pbwo4' (45 × 16 × 9), energy only, log-encoded, with voxel
+    fluctuations of ε = 1 MeV (see above)."""
+    return _create("par04_vae_pbwo4", dict(readout="g4-pbwo4", conditions=LOG_ENERGY_CONDITIONS.to_dict(),
+                                           spot_energy_mev=1.0), overrides)
