@@ -45,8 +45,11 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--classifier-epochs", type=int, default=30)
     ap.add_argument("--reuse", action="store_true", help="Use the best checkpoint already in OUT/NAME if any.")
+    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="Config overrides (JSON values) for every model of this run, e.g. kl_weight=0.01.")
     args = ap.parse_args()
     out = Path(args.out)
+    overrides = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.overrides)}
     data = load_showers(args.data, readout=args.readout)
     rest, report = split_validation(data, fraction=0.0, min_per_energy=100, seed=1)
     tr, select = split_validation(rest, fraction=0.0, min_per_energy=50, seed=2)
@@ -70,7 +73,7 @@ def main():
     for spec in args.models:
         name, iters, *every = spec.split(":")
         torch.manual_seed(0)
-        model = create_model(name)
+        model = create_model(name, **overrides)
         t0 = time.perf_counter()
         every = int(every[0]) if every else args.checkpoint_every
         best = CheckpointManager(out / name / "checkpoints").best() if args.reuse else None

@@ -60,6 +60,15 @@ def test_checkpoints_stay_bounded(tmp_path):
     assert CheckpointManager(tmp_path, keep=5).best()["iteration"] == 400
 
 
+def test_a_tie_goes_to_the_later_checkpoint(tmp_path):
+    """Equal metrics (a model whose E_tot comes from a fixed table has the same χ² at every
+    checkpoint): the later one, trained longer, is the best."""
+    mgr = CheckpointManager(tmp_path, keep=3)
+    for it, v in ((100, 2.0), (200, 1.0), (300, 1.0), (400, 3.0)):
+        mgr.save({"x": torch.tensor(0.0)}, it, {"chi2_sum": v})
+    assert mgr.best()["iteration"] == 300
+
+
 def _vae():
     torch.manual_seed(0)
     return create_model("par04_vae_pbwo4", batch_size=32)

@@ -154,7 +154,8 @@ def test_vae_loss_is_summed_bce_plus_weighted_kl():
 
 
 def test_vae_generate_is_the_decoder_times_the_incident_energy():
-    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, spot_energy_mev=0.0).eval()
+    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, spot_energy_mev=0.0,
+                            response_quantiles=0).eval()
     energy = np.array([2e3, 64e3])
     cond = model.encode_conditions(energy)
     z = torch.randn(2, 3)
@@ -167,7 +168,8 @@ def test_vae_voxel_fluctuations_keep_the_mean_and_give_the_compound_poisson_occu
     probability exp(-μ/ε), its mean over the draws is the decoder's μ, the total is the decoder's, and
     no voxel exceeds E_inc."""
     torch.manual_seed(0)
-    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, spot_energy_mev=2.0).eval()
+    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, spot_energy_mev=2.0,
+                            response_quantiles=0).eval()
     assert model.noise_dim == 3 + 2 * 8
     n = 40000
     cond = model.encode_conditions(np.full(n, 20e3))
@@ -187,6 +189,41 @@ def test_vae_voxel_fluctuations_keep_the_mean_and_give_the_compound_poisson_occu
     assert torch.all((x.mean(0) - mu).abs() <= 5 * se + 1e-3 * mu), (x.mean(0), mu)
     # and the fluctuations are not the mean alone: a busy voxel varies
     assert float(x.std(0).max()) > 0.01 * float(mu.max())
+
+
+def test_vae_response_table_reproduces_the_training_totals_and_exports(tmp_path):
+    """With response_quantiles, fit_data keeps the quantile function of E_grid/E_inc per energy point:
+    showers generated at a training energy have its distribution of totals (two-sample KS), an
+    energy between two training points gets the interpolation of theirs, and ONNX Runtime agrees."""
+    from scipy.stats import ks_2samp
+
+    from zoo.export import export_onnx, onnx_parity
+
+    torch.manual_seed(0)
+    model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, response_quantiles=51).eval()
+    rng = np.random.default_rng(3)
+    energy = np.repeat([4e3, 16e3], 400)
+    response = np.where(energy == 4e3, rng.normal(0.90, 0.01, 800), 0.95 + rng.exponential(0.02, 800))
+    showers = rng.dirichlet(np.ones(8), 800) * (response * energy)[:, None]
+    with torch.no_grad():
+        before = model.sample(np.full(5, 4e3), generator=torch.Generator().manual_seed(0))
+        model.fit_data(energy, showers)
+        x = {e: model.sample(np.full(4000, e), generator=torch.Generator().manual_seed(1)).double().sum(1).numpy() / e
+             for e in (4e3, 8e3, 16e3)}
+    assert model.noise_dim == 3 + 1 + 2 * 8
+    assert before.shape == (5, 8)  # unfitted: the decoder's own total, no error
+    for e in (4e3, 16e3):
+        assert ks_2samp(x[e], response[energy == e]).pvalue > 1e-3, e
+    # 8 GeV lies halfway (in log2 E) between the two training points: halfway in every quantile
+    for q in (0.1, 0.5, 0.9):
+        expected = 0.5 * (np.quantile(response[energy == 4e3], q) + np.quantile(response[energy == 16e3], q))
+        assert abs(np.quantile(x[8e3], q) - expected) < 0.004, q
+    # the table travels with the weights, and the exported graph draws the same totals
+    clone = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, response_quantiles=51)
+    clone.load_state_dict(model.state_dict())
+    assert bool(clone.response_fitted) and torch.equal(clone.response_table, model.response_table)
+    path = export_onnx(model, tmp_path / "vae.onnx")
+    assert onnx_parity(model, path, np.geomspace(2e3, 30e3, 16))["ok"]
 
 
 # -- the autoregressive model -----------------------------------------------------------------------

@@ -563,6 +563,8 @@ def train_bank(models: list[ShowerModel], train_data: list[ShowerData], val_data
     names = names or [f"model{i}" for i in range(k)]
     device = _device(cfg.device)
     seeds = list(seeds) if seeds is not None else [cfg.seed] * k
+    for m, data in zip(models, train_data):
+        m.fit_data(data.energy, data.showers)  # what a model keeps of its data (trainers.loop does the same)
     bank = make_bank([m.cpu() for m in models], train_data, device, rng, seeds)
     managers = [CheckpointManager(Path(d) / "checkpoints", keep=cfg.keep_checkpoints) for d in run_dirs]
     iters = [0] * k

@@ -60,7 +60,10 @@ class CheckpointManager:
         return path
 
     def _ranked(self) -> list[dict]:
-        return sorted((e for e in self.entries if e["value"] is not None), key=lambda e: (e["value"], e["iteration"]))
+        # on a tie the later checkpoint ranks first: it has trained longer for the same metric (a
+        # model whose total energy is drawn from a fixed table, par04_vae's response_quantiles, has
+        # the same χ² of E_tot at every checkpoint)
+        return sorted((e for e in self.entries if e["value"] is not None), key=lambda e: (e["value"], -e["iteration"]))
 
     def _prune(self) -> None:
         latest = max(self.entries, key=lambda e: e["iteration"])

@@ -200,6 +200,7 @@ def train(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg:
                          f"model {model.variant} expects {model.n_voxels}")
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
+    model.fit_data(train_data.energy, train_data.showers)  # a resumed run reloads the same from its checkpoint
     model.to(device).train()
     step = _STEPS[model.kind](model)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -130,6 +130,7 @@ def steps_to_target(model: ShowerModel, train: ShowerData, val: ShowerData, targ
     validation loss)]}.
     """
     _check(model)
+    model.fit_data(train.energy, train.showers)  # the new task's statistics, if the model keeps any
     model.train()
     torch.manual_seed(seed)
     step = _STEPS["likelihood"](model)

@@ -143,6 +143,11 @@ class ShowerModel(nn.Module):
         """Model space → MeV per voxel, never negative."""
         return torch.clamp(self.transform.inverse(x, energy_mev), min=0.0)
 
+    def fit_data(self, energy_mev: np.ndarray, showers_mev: np.ndarray) -> None:
+        """Statistics of the training data that the model keeps in buffers (so they travel with its
+        checkpoints and its exported graph), computed once before training; (N,) MeV, (N, n_voxels)
+        MeV. Most models keep none."""
+
     # -- the interface ---------------------------------------------------------------------------
     @property
     def noise_dim(self) -> int:
