@@ -169,13 +169,15 @@ BOUNDS = {"rc_a": (0.0, 0.5), "rc_b": (-0.01, 0.05),  # a core radius > 0 at eve
 
 
 def fit(reference: dict[float, Profiles], sim: ShowerSimulator, free=FREE_PARAMETERS,
-        n_draws: int = 600, max_nfev: int = 400, verbose: int = 0, on_improve=None) -> EMParams:
+        n_draws: int = 600, max_nfev: int = 400, verbose: int = 0, on_improve=None,
+        mean_tol: float = 0.01, spread_tol: float = 0.25) -> EMParams:
     """Least-squares fit of the simulator's EM coefficients to reference profiles.
 
     ``on_improve(params, cost)`` is called whenever an evaluation beats the best so far (to save
     progress during a long fit). Residuals per energy: the relative deviation of every bin of the longitudinal and radial
-    profiles holding 95% of the energy, over its tolerance; the mean E_grid/E_inc over 1%; the
-    spread ratio over 25%.
+    profiles holding 95% of the energy, over its tolerance; the mean E_grid/E_inc over ``mean_tol``
+    (the criterion's 1%); the spread ratio over ``spread_tol`` (the criterion's 25%). A tighter
+    tolerance than the criterion's leaves a margin for the statistical scatter of the reference.
     """
     from scipy.optimize import least_squares
 
@@ -202,7 +204,7 @@ def fit(reference: dict[float, Profiles], sim: ShowerSimulator, free=FREE_PARAME
             for rm, rse, mm, bins in ((r.long_mean, r.long_se, m.long_mean, lb), (r.rad_mean, r.rad_se, m.rad_mean, rb)):
                 tol = np.maximum(0.05, 3.0 * rse[bins] / rm[bins])
                 res.append((mm[bins] / rm[bins] - 1.0) / tol)
-            res.append([(m.grid_mean / r.grid_mean - 1.0) / 0.01, (m.grid_std / r.grid_std - 1.0) / 0.25])
+            res.append([(m.grid_mean / r.grid_mean - 1.0) / mean_tol, (m.grid_std / r.grid_std - 1.0) / spread_tol])
         out = np.concatenate([np.ravel(a) for a in res])
         out = np.where(np.isfinite(out), out, 1e3)
         cost = float(np.sum(out**2))
