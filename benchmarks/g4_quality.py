@@ -2,7 +2,7 @@
 the Geant4-against-Geant4 floor measured the same way.
 
     .venv/bin/python benchmarks/g4_quality.py --data ../shared/g4showers/pbwo4_electrons_main.h5 \
-        --models par04_vae_pbwo4:6000 fastcalogan_pbwo4:3000 fast_ar:3000 --out out/quality
+        --models par04_vae_pbwo4:30000:1000 fastcalogan_pbwo4:3000 fast_ar:3000 --out out/quality
 
 Splits (per energy point, seeded): a *report* set of 100 showers that no model sees, a *selection*
 set of 50 for choosing the best checkpoint (FastCaloGAN's χ² sum), the rest for training. The
@@ -13,7 +13,8 @@ trained on all energies pooled.
 Each model (and the floor) also gets the full validation report (``validate.report``: high-level
 features, classifier AUC/JSD on low- and high-level input, FPD/KPD, profile plots) in
 ``OUT/NAME/validation/``, and the summary table of all of them is printed at the end. ``--reuse``
-takes the best checkpoint already in ``OUT/NAME`` instead of training again.
+takes the best checkpoint already in ``OUT/NAME`` instead of training again; ``--set KEY=VALUE``
+overrides the config of every model trained in the run (e.g. ``--set kl_weight=0.01``).
 """
 
 import argparse

@@ -43,6 +43,8 @@ log2 E between grid points) and the decoder's voxels, fluctuated or not, are sca
 decoder then models the shape alone, as CaloFlow's separate energy model does for the layer energies.
 On the held-out Geant4 split (8000 iterations, with the voxel fluctuations) the separation power of
 E_tot/E_inc went from 0.21-0.85 per energy to 0.09-0.15, next to Geant4's own floor of 0.07-0.16.
+With both additions, 30000 iterations (12 minutes on one CPU thread) reach a low-level classifier
+AUC of 0.82 against that split (README, "Benchmarks").
 
 Departures from the Keras original, on purpose: PyTorch's default (Kaiming-uniform) initialisation
 instead of Keras ``RandomNormal(stddev=0.05)``; the BCE is computed from the decoder's logits
