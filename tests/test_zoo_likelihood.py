@@ -218,6 +218,9 @@ def test_vae_response_table_reproduces_the_training_totals_and_exports(tmp_path)
     for q in (0.1, 0.5, 0.9):
         expected = 0.5 * (np.quantile(response[energy == 4e3], q) + np.quantile(response[energy == 16e3], q))
         assert abs(np.quantile(x[8e3], q) - expected) < 0.004, q
+    # one table per energy: a model conditioned on angle or geometry is refused, naming the reason
+    with pytest.raises(ValueError, match="energy-only"):
+        par04_vae(response_quantiles=11)
     # the table travels with the weights, and the exported graph draws the same totals
     clone = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, response_quantiles=51)
     clone.load_state_dict(model.state_dict())

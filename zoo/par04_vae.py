@@ -23,8 +23,8 @@ compound Poisson sum of exponential deposits of mean ε, so P(hit) = 1 - exp(-μ
 a log-normal with that compound's conditional mean μ/P(hit) and variance (its cv² = P (2ε/μ + 1) - 1:
 1 for a rarely hit voxel, 2ε/μ for a busy one), so the mean stays μ; the voxels are then scaled
 together so that the shower keeps its total, the decoder's or the response table's (alone, the
-spots would add a spread of √(2ε/E) to E_tot/E_inc: 4.5 % at 1 GeV, where Geant4's is 1.3 %). Two more standard normals per
-voxel are appended to the noise (noise_dim = latent_dim + 2 n_voxels: the hit draw through the
+spots would add a spread of √(2ε/E) to E_tot/E_inc: 4.5 % at 1 GeV, where Geant4's is 1.3 %). Two
+more standard normals per voxel are appended to the noise (noise_dim = latent_dim + 2 n_voxels: the hit draw through the
 normal CDF, then the log-normal's), which keeps the exported graph a pure function of (noise,
 conditions). ε = 1 MeV reproduces the fraction of non-empty voxels of the Geant4 PbWO4 file at every
 energy from 1 to 256 GeV (8 % to 91 %) within 0.03. On the held-out Geant4 split, a par04_vae_pbwo4
@@ -131,6 +131,10 @@ class Par04VAEConfig(ModelConfig):
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.response_quantiles < 0 or self.response_quantiles == 1:
             raise ValueError(f"response_quantiles must be 0 (off) or >= 2, got {self.response_quantiles}")
+        spec = ConditionSpec.from_dict(self.conditions)
+        if self.response_quantiles and (spec.use_angle or spec.geometries):
+            raise ValueError("response_quantiles keeps one table per incident energy: it needs energy-only "
+                             "conditions (no angle or geometry), as in par04_vae_pbwo4")
         if not self.spot_energy_mev >= 0:
             raise ValueError(f"spot_energy_mev must be >= 0, got {self.spot_energy_mev}")
 
