@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calozoo.cli import _overrides
 from trainers.checkpoint import CheckpointManager, load_checkpoint
 from trainers.data import load_showers, split_validation
 from trainers.loop import TrainConfig, train
@@ -50,7 +51,7 @@ def main():
                     help="Config overrides (JSON values) for every model of this run, e.g. kl_weight=0.01.")
     args = ap.parse_args()
     out = Path(args.out)
-    overrides = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.overrides)}
+    overrides = _overrides(args.overrides)  # the CLI's --set parser: JSON values, lists as tuples
     data = load_showers(args.data, readout=args.readout)
     rest, report = split_validation(data, fraction=0.0, min_per_energy=100, seed=1)
     tr, select = split_validation(rest, fraction=0.0, min_per_energy=50, seed=2)

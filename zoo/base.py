@@ -30,7 +30,8 @@ from torch import nn
 from showers.readout import Readout, get_readout
 from showers.transforms import ConditionSpec, build_transform, encode_conditions
 
-__all__ = ["ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class", "model_from_checkpoint"]
+__all__ = ["ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class", "model_from_checkpoint",
+           "normal_cdf"]
 
 
 @dataclass
@@ -217,6 +218,12 @@ class _InferenceGraph(nn.Module):
 
     def forward(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         return self.model.generate(noise, conditions)
+
+
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Φ(x), the standard normal CDF, through erf (which every ONNX runtime has): how the models turn
+    their standard-normal noise into uniforms inside an exportable graph."""
+    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 def build_variant(cls: type, variant: str, defaults: dict, overrides: dict) -> ShowerModel:

@@ -63,7 +63,7 @@ from torch import nn
 from showers.readout import Readout
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant
+from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, normal_cdf
 
 __all__ = ["FastAR", "FastARConfig"]
 
@@ -294,7 +294,7 @@ class FastAR(ShowerModel):
         n = noise.shape[0]
         L, A, R = self.grid
         noise = noise.reshape(n, L, 2, A, R)
-        uniform = 0.5 * (1.0 + torch.erf(noise[:, :, :1] * (1.0 / math.sqrt(2.0))))  # Phi(n); erf exports everywhere
+        uniform = normal_cdf(noise[:, :, :1])
         n_value = noise[:, :, 1:]
         factor, shift = self._film(conditions)  # everything that does not depend on earlier layers, at once
         # the k zero layers before the front, already padded

@@ -24,8 +24,8 @@ a log-normal with that compound's conditional mean μ/P(hit) and variance (its c
 1 for a rarely hit voxel, 2ε/μ for a busy one), so the mean stays μ; the voxels are then scaled
 together so that the shower keeps its total, the decoder's or the response table's (alone, the
 spots would add a spread of √(2ε/E) to E_tot/E_inc: 4.5 % at 1 GeV, where Geant4's is 1.3 %). Two
-more standard normals per voxel are appended to the noise (noise_dim = latent_dim + 2 n_voxels: the hit draw through the
-normal CDF, then the log-normal's), which keeps the exported graph a pure function of (noise,
+more standard normals per voxel are appended to the noise (noise_dim = latent_dim + 2 n_voxels: the
+hit draw through the normal CDF, then the log-normal's), which keeps the exported graph a pure function of (noise,
 conditions). ε = 1 MeV reproduces the fraction of non-empty voxels of the Geant4 PbWO4 file at every
 energy from 1 to 256 GeV (8 % to 91 %) within 0.03. On the held-out Geant4 split, a par04_vae_pbwo4
 trained for 8000 iterations went from a low-level classifier AUC of 0.971 to 0.948, a high-level one
@@ -66,7 +66,7 @@ from torch import nn
 
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant
+from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, normal_cdf
 
 __all__ = ["Par04VAE", "Par04VAEConfig"]
 
@@ -221,7 +221,7 @@ class Par04VAE(ShowerModel):
         w = (x - i0).unsqueeze(1)
         i0 = i0.long()
         q = (1.0 - w) * table[i0] + w * table[i0 + 1]  # (N, K)
-        t = 0.5 * (1.0 + torch.erf(noise * (0.5**0.5))) * (k - 1)
+        t = normal_cdf(noise) * (k - 1)
         k0 = torch.floor(t).clamp(0, k - 2)
         f = (t - k0).unsqueeze(1)
         k0 = k0.long().unsqueeze(1)
@@ -253,30 +253,26 @@ class Par04VAE(ShowerModel):
             drawn = (self._response(energy, noise[:, latent]) * energy.reshape(-1)).unsqueeze(1)
             total = torch.where(self.response_fitted, drawn, total)
             latent += 1
-        if cfg.spot_energy_mev > 0:
-            return self._fluctuate(mean, noise[:, latent:], energy, total)
-        if cfg.response_quantiles:
-            return mean * (total / mean.sum(1, keepdim=True).clamp_min(1e-6))
-        return mean
+        if not (cfg.spot_energy_mev > 0 or cfg.response_quantiles):
+            return mean
+        out = self._fluctuate(mean, noise[:, latent:]) if cfg.spot_energy_mev > 0 else mean
+        # the shower keeps its total (the decoder's, or the response table's): only the voxels
+        # fluctuate, as the simulator's spots share a shower's deposit; no voxel above E_inc
+        out = out * (total / out.sum(1, keepdim=True).clamp_min(1e-6))
+        return torch.minimum(out, energy.reshape(-1, 1))
 
-    def _fluctuate(self, mean: torch.Tensor, noise: torch.Tensor, energy: torch.Tensor,
-                   total: torch.Tensor) -> torch.Tensor:
+    def _fluctuate(self, mean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Voxel energies drawn around their means (N, n_voxels) MeV with noise (N, 2 n_voxels)
-        (module docstring), scaled to the shower's total (N, 1) MeV; never above the incident
-        energy (N,) or (N, 1) MeV."""
+        (module docstring), before the shower is scaled to its total."""
         n = self.n_voxels
         lam = mean / self.config.spot_energy_mev  # expected deposits per voxel
         p_hit = 1.0 - torch.exp(-lam)
-        hit = 0.5 * (1.0 + torch.erf(noise[:, :n] * (0.5**0.5))) < p_hit
+        hit = normal_cdf(noise[:, :n]) < p_hit
         p = p_hit.clamp_min(1e-12)
         cv2 = (p * (2.0 / lam.clamp_min(1e-12) + 1.0) - 1.0).clamp_min(0.0)
         s2 = torch.log1p(cv2)
         value = mean / p * torch.exp(torch.sqrt(s2) * noise[:, n:] - 0.5 * s2)
-        value = torch.where(hit, value, torch.zeros_like(value))
-        # the shower keeps its total (the decoder's, or the response model's): only the voxels
-        # fluctuate, as the simulator's spots share a shower's deposit
-        value = value * (total / value.sum(1, keepdim=True).clamp_min(1e-6))
-        return torch.minimum(value, energy.reshape(-1, 1))
+        return torch.where(hit, value, torch.zeros_like(value))
 
     def losses(self, batch: dict) -> dict:
         """{"loss", "reconstruction", "kl"}: per-shower sums over voxels / latent dims, batch means.
