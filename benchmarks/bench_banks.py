@@ -1,13 +1,20 @@
-"""Training throughput of banks against the plain single-model loop, side by side in one run.
+"""Training throughput of banks against a plain single-model loop, side by side in one run.
 
-FastCaloGAN's WGAN-GP at the atlas-like barrel photon size (368 voxels; critic 368-368-368-1,
-generator 50-50-100-200-368), batch 128, 5 critic steps with gradient penalty + 1 generator step per
-iteration. The plain loop is ``trainers.loop``'s adversarial step on one model; a bank of K trains K
-such models in lockstep (``trainers.bank``, rng="bank"). Printed per K: GAN-iterations/s (K ×
-bank iterations/s), the ratio to the plain loop, and the peak memory (CUDA) — fp32, and bf16
-autocast on CUDA. CUDA graphs are not used (yet): that column says so. Needs only torch and numpy.
+For each family, model-iterations/s of
+- ``plain``: one model, its own losses called directly, ``torch.optim.Adam`` (what a user's own script
+  does; no vmap);
+- banks of K (``trainers.bank.Bank``, rng="bank"): K models stacked under ``torch.func.vmap``, one
+  ``Bank.step`` per iteration; printed as K × bank-iterations/s and the ratio to ``plain``.
 
-    .venv/bin/python benchmarks/bench_banks.py [--ks 1,10,100,300] [--seconds 5] [--device cuda]
+Families (one iteration each): FastCaloGAN's WGAN-GP at the atlas-like barrel photon size (368 voxels,
+critic 368-368-368-1, generator 50-50-100-200-368, batch 128, 5 critic steps with gradient penalty and
+1 generator step); the Par04 VAE on the Geant4 PbWO4 readout (6480 voxels, batch 100, its own
+config); FAST.AR on the same readout (batch 64, width 32; on a CPU ``--small-ar`` (default there)
+takes batch 8 and width 8, since one iteration of the full one takes about a second). fp32, and bf16
+autocast on CUDA. Needs only torch and numpy.
+
+    .venv/bin/python benchmarks/bench_banks.py [--ks 1,10,30] [--families fastcalogan,par04_vae,fast_ar]
+        [--seconds 5] [--device cuda] [--threads 2]
 """
 
 from __future__ import annotations
@@ -19,31 +26,34 @@ import time
 import numpy as np
 import torch
 
-from showers.readout import Readout
-from trainers.bank import make_bank
+from showers.detector import get_detector
+from showers.readout import Readout, get_readout
+from trainers.bank import Bank
 from trainers.data import ShowerData
-from trainers.loop import _STEPS, _Batches
-from zoo.fastcalogan import FastCaloGAN, FastCaloGANConfig
-
-N_VOXELS = 368
-
-
-def _readout() -> Readout:
-    from showers.detector import get_detector
-
-    return get_detector("atlas-like").region("photon_eta_020_025").readout
+from zoo import create_model
 
 
 def _data(readout: Readout, n: int, seed: int) -> ShowerData:
     rng = np.random.default_rng(seed)
     energy = np.repeat([4096.0, 16384.0, 65536.0, 262144.0], n // 4)
-    x = (rng.gamma(0.3, 1.0, (len(energy), readout.n_voxels)) * energy[:, None] / readout.n_voxels).astype(np.float32)
-    return ShowerData(x, energy, readout, "synthetic")
+    x = rng.gamma(0.3, 1.0, (len(energy), readout.n_voxels)) * (rng.random((len(energy), readout.n_voxels)) < 0.4)
+    x *= (0.9 * energy / np.maximum(x.sum(1), 1e-9))[:, None]
+    return ShowerData(x.astype(np.float32), energy, readout, "synthetic")
 
 
-def _model(readout: Readout, seed: int) -> FastCaloGAN:
+def _family(name: str, small_ar: bool) -> tuple[str, dict, Readout]:
+    if name == "fastcalogan":
+        return "fastcalogan", {}, get_detector("atlas-like").region("photon_eta_020_025").readout
+    if name == "par04_vae":
+        return "par04_vae_pbwo4", {}, get_readout("g4-pbwo4")
+    if name == "fast_ar":
+        return "fast_ar", (dict(batch_size=8, width=8) if small_ar else {}), get_readout("g4-pbwo4")
+    raise SystemExit(f"unknown family {name!r}: fastcalogan, par04_vae or fast_ar")
+
+
+def _model(variant: str, overrides: dict, readout: Readout, seed: int, device):
     torch.manual_seed(seed)
-    return FastCaloGAN(FastCaloGANConfig(readout=readout.to_dict()), variant="fastcalogan")
+    return create_model(variant, **overrides, readout=readout.to_dict()).to(device)
 
 
 def _sync(device):
@@ -51,7 +61,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _rate(step, device, seconds: float, warmup: int = 3) -> float:
+def _rate(step, device, seconds: float, warmup: int = 2) -> float:
     for _ in range(warmup):
         step()
     _sync(device)
@@ -63,27 +73,65 @@ def _rate(step, device, seconds: float, warmup: int = 3) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def plain(readout, device, seconds: float, bf16: bool) -> float:
-    model = _model(readout, 0).to(device).train()
-    step = _STEPS[model.kind](model)
-    batches = _Batches(model, _data(readout, 512, 0), 128, device, torch.Generator().manual_seed(0))
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    return _rate(lambda: step(batches, autocast), device, seconds)
+def _autocast(device, bf16: bool):
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
 
-def bank(readout, k: int, device, seconds: float, bf16: bool) -> tuple[float, float]:
-    models = [_model(readout, i) for i in range(k)]
-    data = [_data(readout, 256, i) for i in range(k)]
+def plain(variant, overrides, readout, device, seconds: float, bf16: bool) -> float:
+    """One model trained by hand: its losses, torch.optim.Adam."""
+    model = _model(variant, overrides, readout, 0, device).train()
+    data = _data(readout, 512, 0)
+    showers = torch.as_tensor(data.showers, device=device)
+    energy = torch.as_tensor(data.energy, dtype=torch.float32, device=device)
+    conditions = model.encode_conditions(data.energy)
+    b = int(model.config.batch_size)
+    gen = torch.Generator(device=device).manual_seed(0)
+    autocast = _autocast(device, bf16)
+    cfg = model.config
+
+    def batch(step):
+        idx = torch.randint(len(energy), (b,), generator=gen, device=device)
+        return {"showers": showers[idx], "energy": energy[idx], "conditions": conditions[idx],
+                **model.draw_training_noise(step, b, gen)}
+
+    if model.kind == "adversarial":
+        opt_c = torch.optim.Adam(model.critic_parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+        opt_g = torch.optim.Adam(model.generator_parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+        def step():
+            for _ in range(cfg.n_critic):
+                with autocast():
+                    loss = model.critic_loss(batch("critic"))["loss"]
+                opt_c.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_c.step()
+            with autocast():
+                loss = model.generator_loss(batch("generator"))["loss"]
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+
+        def step():
+            with autocast():
+                loss = model.losses(batch("loss"))["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return _rate(step, device, seconds)
+
+
+def bank(variant, overrides, readout, k: int, device, seconds: float, bf16: bool) -> tuple[float, float]:
+    models = [_model(variant, overrides, readout, i, device) for i in range(k)]
+    data = [_data(readout, 128, i) for i in range(k)]
+    for m, d in zip(models, data):
+        m.fit_data(d.energy, d.showers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    b = make_bank(models, data, device=device, rng="bank")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
+    b = Bank(models, data, device=device, rng="bank")
+    autocast = _autocast(device, bf16)
     rate = _rate(lambda: b.step(autocast), device, seconds)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return rate * k, mem
@@ -91,32 +139,37 @@ def bank(readout, k: int, device, seconds: float, bf16: bool) -> tuple[float, fl
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ks", default="1,10,100,300")
+    ap.add_argument("--ks", default="1,10,30")
+    ap.add_argument("--families", default="fastcalogan,par04_vae,fast_ar")
     ap.add_argument("--seconds", type=float, default=5.0, help="timing window per measurement")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--small-ar", action=argparse.BooleanOptionalAction, default=None,
+                    help="FAST.AR at batch 8 and width 8 (default: on a CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    readout = _readout()
-    assert readout.n_voxels == N_VOXELS
+    small_ar = device.type == "cpu" if args.small_ar is None else args.small_ar
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"FastCaloGAN WGAN-GP, {N_VOXELS} voxels, batch 128, 5 critic steps + GP; {name}; torch {torch.__version__}")
+    print(f"{name}; torch {torch.__version__}; model-iterations/s (one iteration: one step of every model)")
     precisions = [False, True] if device.type == "cuda" else [False]
-    print(f"{'precision':9s} {'K':>5s} {'GAN-it/s':>10s} {'x plain':>8s} {'peak GiB':>9s}  CUDA graphs")
-    for bf16 in precisions:
-        label = "bf16" if bf16 else "fp32"
-        base = plain(readout, device, args.seconds, bf16)
-        print(f"{label:9s} {'plain':>5s} {base:10.1f} {1.0:8.2f} {'':>9s}  -")
-        for k in (int(x) for x in args.ks.split(",")):
-            try:
-                rate, mem = bank(readout, k, device, args.seconds, bf16)
-            except torch.OutOfMemoryError:
-                print(f"{label:9s} {k:5d} {'out of memory':>10s}")
-                torch.cuda.empty_cache()
-                continue
-            print(f"{label:9s} {k:5d} {rate:10.1f} {rate / base:8.2f} {mem:9.2f}  not used")
+    print(f"{'family':26s} {'precision':9s} {'K':>5s} {'model-it/s':>11s} {'x plain':>8s} {'peak GiB':>9s}")
+    for family in args.families.split(","):
+        variant, overrides, readout = _family(family, small_ar)
+        label = f"{variant} ({readout.n_voxels})" + (" small" if overrides else "")
+        for bf16 in precisions:
+            prec = "bf16" if bf16 else "fp32"
+            base = plain(variant, overrides, readout, device, args.seconds, bf16)
+            print(f"{label:26s} {prec:9s} {'plain':>5s} {base:11.1f} {1.0:8.2f}", flush=True)
+            for k in (int(x) for x in args.ks.split(",")):
+                try:
+                    rate, mem = bank(variant, overrides, readout, k, device, args.seconds, bf16)
+                except torch.OutOfMemoryError:
+                    print(f"{label:26s} {prec:9s} {k:5d} {'out of memory':>11s}", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                print(f"{label:26s} {prec:9s} {k:5d} {rate:11.1f} {rate / base:8.2f} {mem:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from calozoo.cli import _overrides
-from trainers.checkpoint import CheckpointManager, load_checkpoint
+from zoo.checkpoint import CheckpointManager, load_checkpoint
 from trainers.data import load_showers, split_validation
 from trainers.loop import TrainConfig, train
 from validate.classifier import ClassifierConfig, classifier_auc, low_level_features

@@ -1,8 +1,5 @@
 """calozoo: ML fast calorimeter simulation, from data to registered ONNX models."""
 
-from importlib.metadata import PackageNotFoundError, version
+from showers import __version__
 
-try:
-    __version__ = version("calozoo")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+src"
+__all__ = ["__version__"]

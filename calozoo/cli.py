@@ -244,7 +244,7 @@ def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every,
         click.echo(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                    f"{len(tr)} training and {len(va)} validation showers ({data.readout.name}) -> {out}")
         if use_mlflow:
-            from registry.training import train_tracked
+            from calozoo.tracked import train_tracked
 
             first = Path(data_path) if Path(data_path).is_file() else sorted(Path(data_path).glob("*.h5"))[0]
             attrs = file_attrs(first)
@@ -425,6 +425,7 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterat
           incremental_every, bank_size, min_val_per_energy, bf16, max_failures, campaign, use_mlflow, do_register, sets,
           seed, plots, init_checkpoint, config_path) -> None:
     """Train one MODEL per detector region on Ray Train workers, as weight-stacked banks."""
+    from calozoo.tracked import run_tracked_fleet
     from trainers.fleet import FleetConfig, list_regions, run_fleet
 
     try:
@@ -433,13 +434,16 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterat
         _fail(exc)
     cfg = FleetConfig(model=model_name, data_dir=data_dir, out_dir=out_dir or f"out/fleet/{model_name}",
                       regions=regions, bank_size=bank_size, min_val_per_energy=min_val_per_energy, seed=seed,
-                      campaign=campaign or Path(data_dir).resolve().name, tracking=use_mlflow,
-                      overrides={**_config_overrides(config_path, model_name), **_overrides(sets)}, plots=plots,
+                      overrides={**_config_overrides(config_path, model_name), **_overrides(sets)},
                       init_checkpoint=str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
                       train={"iterations": iterations, "checkpoint_every": checkpoint_every, "seed": seed,
                              "incremental_every": incremental_every, "bf16": bf16, "progress": False})
     click.echo(f"fleet of {len(regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")
-    summary = run_fleet(cfg, num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures)
+    if use_mlflow:
+        summary, _ = run_tracked_fleet(cfg, campaign=campaign or Path(data_dir).resolve().name, plots=plots,
+                                       num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures)
+    else:
+        summary = run_fleet(cfg, num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures)
     done = {r: b for r, b in summary["regions"].items() if b}
     click.echo(f"{len(done)}/{len(regions)} regions trained in {summary['seconds']:.0f} s")
     for r, b in sorted(done.items()):
@@ -480,10 +484,13 @@ def tune(model_name, data_path, mode, num_samples, metric, grace_period, reducti
          use_mlflow, seed) -> None:
     """Search MODEL's hyper-parameters with Ray Tune (grid or ASHA); writes OUT/best.json, which
     `calozoo train --config` and `calozoo fleet --config` take."""
+    from calozoo.tracked import resume_tracked_sweep, run_tracked_sweep
     from tune.sweep import SweepConfig, resume_sweep, run_sweep
 
     try:
-        if resume_dir:
+        if resume_dir and use_mlflow:  # into the runs it was tracked in, if it was
+            result, _ = resume_tracked_sweep(resume_dir, address=address)
+        elif resume_dir:
             result = resume_sweep(resume_dir, address)
         else:
             if not model_name or not data_path:
@@ -494,8 +501,8 @@ def tune(model_name, data_path, mode, num_samples, metric, grace_period, reducti
                               grace_period=grace_period, reduction_factor=reduction_factor,
                               train={"iterations": iterations, "checkpoint_every": checkpoint_every},
                               min_val_per_energy=min_val_per_energy, cpus_per_trial=cpus_per_trial,
-                              gpus_per_trial=gpus_per_trial, seed=seed, tracking=use_mlflow)
-            result = run_sweep(cfg, address)
+                              gpus_per_trial=gpus_per_trial, seed=seed)
+            result = run_tracked_sweep(cfg, address=address)[0] if use_mlflow else run_sweep(cfg, address)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     best = result.best
@@ -543,7 +550,7 @@ def validate(generated, reference, out_dir, readout, classifier, epochs, max_sho
              use_mlflow, run_id) -> None:
     """Compare GENERATED showers with REFERENCE showers (CaloChallenge HDF5, same readout): a report
     (markdown + PNGs) of the high-level features, the classifier AUC/JSD and FPD/KPD."""
-    from validate.report import log_report, validate_files
+    from validate.report import validate_files
 
     out = Path(out_dir or Path(generated).with_suffix("").as_posix() + "-validation")
     cfg = _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu, labels)
@@ -559,6 +566,7 @@ def validate(generated, reference, out_dir, readout, classifier, epochs, max_sho
             click.echo(f"  {key:16s} {h[key]:.4g}{err}")
     click.echo(f"report: {out / 'report.md'}")
     if use_mlflow or run_id:
+        from calozoo.tracked import log_report
         from registry.tracking import tracking_uri
 
         try:
@@ -586,7 +594,8 @@ def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias
                        max_showers, per_layer, distances, gpu, offline) -> None:
     """Validate every region's registered model against its reference showers; one report per
     region and a summary table of which regions fail the thresholds."""
-    from validate.fleet import DEFAULT_THRESHOLDS, parse_threshold, validate_fleet
+    from calozoo.fleet_validation import validate_fleet
+    from validate.fleet import DEFAULT_THRESHOLDS, parse_threshold
 
     thresholds = thresholds or DEFAULT_THRESHOLDS
     try:

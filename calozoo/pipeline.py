@@ -149,21 +149,17 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
     stage times). ``echo`` prints the progress lines."""
     import ray
 
+    from calozoo.fleet_validation import validate_fleet
+    from calozoo.tracked import log_report, run_tracked_fleet, run_tracked_sweep
     from registry.publish import publish
     from registry.pull import pull
     from registry.tracking import RUN_FILE, get_client
     from showers.campaign import CampaignSpec, run_campaign
     from showers.detector import get_detector
     from showers.plots import plot_file
-    from trainers.fleet import FleetConfig, run_fleet
-    from tune.sweep import SweepConfig, load_best, run_sweep
-    from validate.fleet import validate_fleet
-    from validate.report import (
-        ValidateConfig,
-        log_report,
-        read_sample,
-        validate_samples,
-    )
+    from trainers.fleet import FleetConfig
+    from tune.sweep import SweepConfig, load_best
+    from validate.report import ValidateConfig, read_sample, validate_samples
 
     sc = SCALES[scale] if isinstance(scale, str) else scale
     out = Path(out_dir).resolve()
@@ -196,12 +192,12 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
         sweep_region = names[0]
         stage("sweep", f"ASHA over {dict(sc.sweep_space)} for {sc.model} on {sweep_region}, {sc.sweep_samples} "
                        f"trials of up to {sc.sweep_iterations} iterations")
-        sweep = run_sweep(SweepConfig(
+        sweep, _ = run_tracked_sweep(SweepConfig(
             model=sc.model, data=str(train_dir / f"{sweep_region}.h5"), out_dir=str(out / "sweep"), mode="asha",
             space={k: list(v) for k, v in sc.sweep_space}, only_given=True, num_samples=sc.sweep_samples,
             metric="etot_shift", train={"iterations": sc.sweep_iterations,
                                         "checkpoint_every": sc.sweep_checkpoint_every},
-            min_val_per_energy=sc.min_val_per_energy, campaign=f"{campaign}-sweep", tracking_uri=uri))
+            min_val_per_energy=sc.min_val_per_energy), campaign=f"{campaign}-sweep", uri=uri)
         best = load_best(Path(sweep.path) / "best.json")
         echo(f"  {len(sweep.trials)} trials, {sweep.n_stopped_early} stopped early; best {best['overrides']} "
              f"({sweep.best['metric']} {sweep.best['value']:.3g})")
@@ -211,11 +207,12 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
         fleet_dir = out / "fleet"
         fcfg = FleetConfig(model=sc.model, data_dir=str(train_dir), out_dir=str(fleet_dir), regions=names,
                            overrides={k: tuple(v) if isinstance(v, list) else v for k, v in best["overrides"].items()},
-                           min_val_per_energy=sc.min_val_per_energy, campaign=campaign, tracking_uri=uri,
-                           plots=sc.plots, train={"iterations": sc.fleet_iterations,
-                                                  "checkpoint_every": sc.fleet_checkpoint_every, "progress": False})
+                           min_val_per_energy=sc.min_val_per_energy,
+                           train={"iterations": sc.fleet_iterations, "checkpoint_every": sc.fleet_checkpoint_every,
+                                  "progress": False})
         with _FleetProgress(fleet_dir, names, sc.fleet_iterations):
-            summary = run_fleet(fcfg, num_workers=sc.workers)
+            summary, fleet_run = run_tracked_fleet(fcfg, campaign=campaign, uri=uri, plots=sc.plots,
+                                                   num_workers=sc.workers)
         missing = [n for n, b in summary["regions"].items() if not b]
         if missing:
             raise RuntimeError(f"the fleet left {len(missing)} regions without a checkpoint: {', '.join(missing)}")
@@ -249,11 +246,11 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
         rows = validate_fleet(campaign, published[chosen].name.split(".")[1], ref_dir, out / "validation" / "fleet", uri=uri,
                               cfg=ValidateConfig(classifier="none", per_layer=False, plots=False, fpd_batches=5))
         # the report goes into the champion's training run, the fleet table into the fleet's run
-        region_run, fleet_run = (json.loads((fleet_dir / d / RUN_FILE).read_text())["run_id"] for d in (chosen, "_fleet"))
+        region_run = json.loads((fleet_dir / chosen / RUN_FILE).read_text())["run_id"]
         log_report(report_dir, run_id=region_run, uri=uri)
-        get_client(uri).log_artifacts(fleet_run, str(out / "validation" / "fleet"), "validation")
+        get_client(uri).log_artifacts(fleet_run.run_id, str(out / "validation" / "fleet"), "validation")
         echo(f"  logged to MLflow: the report to run {region_run} ({chosen}), the fleet table to the fleet's run "
-             f"{fleet_run}")
+             f"{fleet_run.run_id}")
 
         stage("summary", "where everything is")
         seconds = stage.done()

@@ -2,16 +2,16 @@
 
 - ``registry.tracking``: the tracking URI (``MLFLOW_TRACKING_URI``, else ``./mlflow.db``), runs
   that never kill training when the server goes away;
-- ``registry.training``: the single-model trainer with MLflow tracking;
-- ``registry.publish``: best epoch, ONNX export with metadata, parity gate, registration, champion;
+- ``registry.publish``: best epoch, ONNX export with metadata, parity gate, registration, champion
+  (needs torch and the zoo: ``from registry.publish import publish``);
 - ``registry.pull``: registered models by name for inference with ONNX Runtime;
 - ``registry.server``: a real ``mlflow server`` for teams (``calozoo mlflow``).
+
+This package imports only the inference and tracking side (no torch, no Ray), so that
+``from registry import pull`` is all a simulation framework needs to generate showers.
 """
 
-from registry.publish import ALIAS, ParityError, Publication, publish, registered_name
-from registry.pull import RegistryError, ShowerGenerator, pull
+from registry.pull import RegistryError, ShowerGenerator, pull, registered_name
 from registry.tracking import TrackedRun, tracking_uri
-from registry.training import train_tracked
 
-__all__ = ["ALIAS", "ParityError", "Publication", "RegistryError", "ShowerGenerator", "TrackedRun", "publish",
-           "pull", "registered_name", "tracking_uri", "train_tracked"]
+__all__ = ["RegistryError", "ShowerGenerator", "TrackedRun", "pull", "registered_name", "tracking_uri"]

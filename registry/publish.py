@@ -2,7 +2,7 @@
 registration, and the ``champion`` alias.
 
 1. **Best epoch**: the kept checkpoint with the smallest FastCaloGAN criterion (``chi2_sum``: the sum
-   over incident-energy points of the χ² of E_tot/E_inc, ``trainers.metrics``).
+   over incident-energy points of the χ² of E_tot/E_inc, ``validate.metrics``).
 2. **Export**: its inference graph, (noise, conditions) → voxel energies in MeV, dynamic batch axis,
    opset ``zoo.export.OPSET``, ``onnx.checker``; metadata_props carry everything a consumer needs
    (:func:`export_metadata`).
@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-import calozoo
+from registry.pull import registered_name
 from registry.tracking import RUN_FILE, fluent_uri, get_client, quick_http, tracking_uri
-from trainers.checkpoint import CheckpointManager, load_checkpoint
+from showers import __version__
 from zoo.base import ShowerModel, model_from_checkpoint
+from zoo.checkpoint import CheckpointManager, load_checkpoint
 from zoo.export import OPSET, export_onnx, onnx_parity
 
 __all__ = ["ALIAS", "ParityError", "Publication", "export_metadata", "parity_gate", "publish", "registered_name",
@@ -58,14 +58,6 @@ class Publication:
     existing: bool = False  # True: this run's checkpoint was already registered
 
 
-def registered_name(campaign: str, family: str, region: str) -> str:
-    """``{campaign}.{family}.{region}``, with anything but letters, digits, ``_`` and ``-`` made ``-``."""
-    def clean(s):
-        return re.sub(r"[^A-Za-z0-9_\-]+", "-", str(s)).strip("-") or "none"
-
-    return ".".join(clean(s) for s in (campaign, family, region))
-
-
 def select_best(run_dir) -> dict:
     """The index entry (iteration, file, metrics) of the run's best kept checkpoint."""
     best = CheckpointManager(Path(run_dir) / "checkpoints").best()
@@ -90,7 +82,7 @@ def export_metadata(model: ShowerModel, state: dict, *, name: str = "", campaign
                     run_id: str = "") -> dict:
     """What travels inside the ONNX file (metadata_props; values JSON where not strings)."""
     cfg = model.config.to_dict()
-    return {"calozoo_version": calozoo.__version__, "registered_name": name, "model": model.variant,
+    return {"calozoo_version": __version__, "registered_name": name, "model": model.variant,
             "family": model.family, "kind": model.kind, "campaign": campaign, "region": region,
             "readout": cfg["readout"], "transform": cfg["transform"], "conditions": cfg["conditions"],
             "trained_range": _trained_range(state), "noise_dim": model.noise_dim, "n_voxels": model.n_voxels,
@@ -210,7 +202,7 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
         tags = {"iteration": str(best["iteration"]), f"val_{METRIC}": f"{metric:.9g}",
                 "val_chi2_ndf": f"{best['metrics']['chi2_ndf']:.6g}", "val_sep_power": f"{best['metrics']['sep_power']:.6g}",
                 "model": model.variant, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
-                "calozoo_version": calozoo.__version__}
+                "calozoo_version": __version__}
         version = mlflow.register_model(info_model.model_uri, name, tags=tags)
 
     champ = _current_champion(client, name)

@@ -24,14 +24,26 @@ from pathlib import Path
 import numpy as np
 
 from registry.tracking import fluent_uri, get_client, quick_http, tracking_uri
+from showers.readout import Readout
+from showers.transforms import ConditionSpec, encode_conditions
 
-__all__ = ["RegistryError", "ShowerGenerator", "cache_dir", "parse_ref", "pull", "session_options"]
+__all__ = ["RegistryError", "ShowerGenerator", "cache_dir", "parse_ref", "pull", "registered_name",
+           "session_options"]
 
 log = logging.getLogger("calozoo.registry")
 
 
 class RegistryError(LookupError):
     """A registered model, version, alias or artifact that cannot be had; the message says what exists."""
+
+
+def registered_name(campaign: str, family: str, region: str) -> str:
+    """``{campaign}.{family}.{region}``, with anything but letters, digits, ``_`` and ``-`` made ``-``
+    (the name ``registry.publish`` registers a model under)."""
+    def clean(s):
+        return re.sub(r"[^A-Za-z0-9_\-]+", "-", str(s)).strip("-") or "none"
+
+    return ".".join(clean(s) for s in (campaign, family, region))
 
 
 def cache_dir() -> Path:
@@ -233,9 +245,6 @@ class ShowerGenerator:
         import onnx
         import onnxruntime as ort
 
-        from showers.readout import Readout
-        from showers.transforms import ConditionSpec
-
         self.path = Path(path)
         try:
             proto = onnx.load(str(self.path), load_external_data=False)
@@ -284,8 +293,6 @@ class ShowerGenerator:
 
     def encode(self, energy_mev, angle_deg=None, geometry=None, allow_extrapolation: bool = False) -> np.ndarray:
         """Encoded conditions (N, n_cond) float32, refusing conditions outside the trained range."""
-        from showers.transforms import encode_conditions
-
         spec = self.condition_spec
         energy = np.asarray(energy_mev, dtype=np.float64).ravel()
         if energy.size == 0 or not np.all(np.isfinite(energy)) or not np.all(energy > 0):

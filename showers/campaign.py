@@ -7,6 +7,7 @@ file that exists is whole, and regions whose file exists with the same settings 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 import zlib
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from showers import __version__
 from showers.detector import Region
 from showers.errors import ShowerDataError
 from showers.formats import CaloChallengeWriter, file_attrs
 
-__all__ = ["CampaignSpec", "region_path", "simulate_region", "run_campaign", "FASTCALOGAN_ENERGIES_MEV"]
+__all__ = ["CampaignSpec", "list_regions", "region_path", "simulate_region", "run_campaign", "FASTCALOGAN_ENERGIES_MEV"]
 
 #: FastCaloGAN's and CaloChallenge dataset 1's energy points: 256 MeV × 2^k up to 4 TeV
 FASTCALOGAN_ENERGIES_MEV = tuple(float(256 * 2**k) for k in range(15))
@@ -97,7 +99,6 @@ def _norm(v):
 
 def simulate_region(region: Region, out_dir, spec: CampaignSpec, overwrite: bool = False) -> dict:
     """Simulate one region into ``out_dir/<region>.h5`` (atomically). Returns a summary dict."""
-    from calozoo import __version__
 
     path = region_path(out_dir, region)
     if not overwrite and _is_done(path, region, spec):
@@ -178,3 +179,15 @@ def _run_ray(regions, out_dir, spec, address, overwrite, bar, num_cpus):
     finally:
         if started:
             ray.shutdown()
+
+
+def list_regions(data_dir, patterns=None) -> list[str]:
+    """The regions of a campaign folder (its ``*.h5`` files), optionally filtered by globs."""
+    names = sorted(p.stem for p in Path(data_dir).glob("*.h5"))
+    if not names:
+        raise FileNotFoundError(f"{data_dir}: no <region>.h5 files")
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+        if not names:
+            raise ValueError(f"no region of {data_dir} matches {list(patterns)}")
+    return names

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.checkpoint import CheckpointManager, load_checkpoint
+from zoo.checkpoint import CheckpointManager, load_checkpoint
 
 from .test_fleet import campaign  # noqa: F401 (a fixture)
 from .test_registry_server import free_port

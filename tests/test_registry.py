@@ -14,13 +14,14 @@ import torch
 from click.testing import CliRunner
 
 from calozoo.cli import main
-from registry import ParityError, RegistryError, publish, pull, train_tracked
-from registry.publish import parity_gate
+from calozoo.tracked import train_tracked
+from registry import RegistryError, pull
+from registry.publish import ParityError, parity_gate, publish
 from registry.pull import ShowerGenerator
 from registry.tracking import TrackedRun, get_client
 from showers.detector import get_detector
 from showers.formats import read_calochallenge
-from trainers.checkpoint import CheckpointManager, load_checkpoint
+from zoo.checkpoint import CheckpointManager, load_checkpoint
 from trainers.data import ShowerData, split_validation
 from trainers.loop import TrainConfig
 from zoo import model_from_checkpoint

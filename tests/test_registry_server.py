@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from registry import publish, pull, train_tracked
+from calozoo.tracked import train_tracked
+from registry import pull
+from registry.publish import publish
 from registry.server import start_server, stop_server
 from registry.tracking import TrackedRun, flush_pending, get_client
-from trainers.checkpoint import CheckpointManager, load_checkpoint
+from zoo.checkpoint import CheckpointManager, load_checkpoint
 from trainers.loop import TrainConfig, train
 from zoo import model_from_checkpoint
 from zoo.export import relative_difference

@@ -10,7 +10,7 @@ import torch
 from showers.readout import get_readout
 from showers.simulator import ShowerSimulator
 from trainers.data import ShowerData, split_validation
-from trainers.loop import _STEPS, _Batches
+from trainers.bank import Bank
 from trainers.reptile import ReptileConfig, load_compatible, meta_train, steps_to_target, validation_loss
 from zoo import create_model
 
@@ -38,11 +38,10 @@ def test_meta_update_moves_epsilon_of_the_way(tasks):
     full = copy.deepcopy(base)
     meta_train(full, train, ReptileConfig(meta_iterations=1, inner_steps=3, meta_lr=1.0, anneal=False, progress=False))
     plain = copy.deepcopy(base)
-    torch.manual_seed(0)
-    step = _STEPS["likelihood"](plain)
-    batches = _Batches(plain, train["PbWO4"], 16, torch.device("cpu"), torch.Generator().manual_seed(0))
+    bank = Bank([plain], [train["PbWO4"]], seeds=[0])  # a task's inner loop: the ordinary step, seeded alike
     for _ in range(3):
-        step(batches, nullcontext)
+        bank.step(nullcontext)
+    bank.unstacked(0)
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(full.state_dict()[k], v, rtol=1e-6, atol=1e-7)  # before + (after - before)
     # epsilon = 0.5: half way

@@ -6,10 +6,10 @@ import torch
 
 from showers.readout import get_readout
 from showers.simulator import ShowerSimulator
-from trainers.checkpoint import CheckpointManager, load_checkpoint
+from zoo.checkpoint import CheckpointManager, load_checkpoint
 from trainers.data import ShowerData, split_validation
 from trainers.loop import TrainConfig, incremental_order, train
-from trainers.metrics import etot_chi2
+from validate.metrics import etot_chi2
 from zoo import create_model, model_from_checkpoint
 
 

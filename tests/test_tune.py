@@ -1,6 +1,6 @@
-"""Sweeps on a real local Ray runtime, logged to a real MLflow store: ASHA stops trials early, a grid
-runs every combination, the best config retrains to its reported metric, and an interrupted sweep
-resumes without repeating finished trials."""
+"""Sweeps on a real local Ray runtime, logged to a real MLflow store through calozoo's tracker: ASHA
+stops trials early, a grid runs every combination, the best config retrains to its reported metric,
+and an interrupted sweep resumes without repeating finished trials."""
 
 import json
 import os
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from calozoo.tracked import run_tracked_sweep
 from showers.campaign import CampaignSpec, run_campaign
 from showers.detector import get_detector
-from tune.sweep import SweepConfig, resume_sweep, retrain_best, run_sweep
+from tune.sweep import SweepConfig, resume_sweep, retrain_best
 
 TRIAL_ID = re.compile(r"^[0-9a-f]{5}_[0-9]{5}$")
 
@@ -37,10 +38,16 @@ def ray_local():
     ray.shutdown()
 
 
-def sweep(data, out, uri, **kw) -> SweepConfig:
+def sweep(data, out, **kw) -> SweepConfig:
     base = dict(model="fastcalogan", data=str(data), out_dir=str(out), only_given=True, min_val_per_energy=15,
-                train={"iterations": 40, "checkpoint_every": 10}, tracking_uri=uri, campaign="tune-test")
+                train={"iterations": 40, "checkpoint_every": 10})
     return SweepConfig(**{**base, **kw})
+
+
+def run_tracked(cfg: SweepConfig, uri: str):
+    result, parent = run_tracked_sweep(cfg, campaign="tune-test", uri=uri)
+    assert parent.ok and parent.pending() == []
+    return result
 
 
 def children_of(uri, parent_name):
@@ -59,10 +66,10 @@ def test_asha_stops_bad_trials_and_the_best_retrains(data, ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # etot_shift: after tens of iterations every model is still off the narrow E_tot peak, where the
     # chi2 sum is saturated (all trials tie and ASHA has nothing to cut)
-    cfg = sweep(data, tmp_path / "asha", uri, mode="asha", num_samples=6, max_concurrent=1, grace_period=1,
+    cfg = sweep(data, tmp_path / "asha", mode="asha", num_samples=6, max_concurrent=1, grace_period=1,
                 reduction_factor=2, metric="etot_shift",
                 space={"learning_rate": [1e-3, 3e-4, 1e-5], "n_critic": [1, 2], "batch_size": [16]})
-    result = run_sweep(cfg)
+    result = run_tracked(cfg, uri)
     assert len(result.trials) == 6
     assert result.n_stopped_early >= 1, result.trials  # ASHA cut some trials short
     assert any(t["iteration"] == 40 for t in result.trials)
@@ -87,10 +94,10 @@ def test_asha_stops_bad_trials_and_the_best_retrains(data, ray_local, tmp_path):
 @pytest.mark.timeout(600)
 def test_grid_runs_every_combination(data, ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = sweep(data, tmp_path / "grid", uri, mode="grid", space={"learning_rate": [1e-3, 1e-4], "n_critic": [1, 2],
+    cfg = sweep(data, tmp_path / "grid", mode="grid", space={"learning_rate": [1e-3, 1e-4], "n_critic": [1, 2],
                                                                   "batch_size": [16]},
                 train={"iterations": 20, "checkpoint_every": 10})
-    result = run_sweep(cfg)
+    result = run_tracked(cfg, uri)
     combos = sorted((t["params"]["learning_rate"], t["params"]["n_critic"]) for t in result.trials)
     assert combos == [(1e-4, 1), (1e-4, 2), (1e-3, 1), (1e-3, 2)]
     assert result.n_stopped_early == 0 and all(t["iteration"] == 20 for t in result.trials)
@@ -110,7 +117,7 @@ def _finished(out: Path, iterations: int) -> list[str]:
 @pytest.mark.timeout(900)
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(data, ray_local, tmp_path):
     out = tmp_path / "sweep"
-    cfg = sweep(data, out, None, mode="grid", tracking=False, max_concurrent=1,
+    cfg = sweep(data, out, mode="grid", max_concurrent=1,
                 space={"learning_rate": [1e-3, 3e-4, 1e-4], "batch_size": [16], "n_critic": [1]},
                 train={"iterations": 40, "checkpoint_every": 10})
     script = ("import json, sys; from tune.sweep import SweepConfig, run_sweep; "

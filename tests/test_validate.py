@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from calozoo.cli import main
+from calozoo.tracked import log_report
 from showers.errors import ShowerDataError
 from showers.formats import write_calochallenge
 from showers.readout import get_readout
@@ -24,12 +25,7 @@ from validate.classifier import (
 from validate.distances import fpd, frechet_distance, kpd
 from validate.features import compare_features, high_level_features
 from validate.fleet import parse_threshold, summarise, write_summary
-from validate.report import (
-    ValidateConfig,
-    log_report,
-    read_sample,
-    validate_samples,
-)
+from validate.report import ValidateConfig, read_sample, validate_samples
 
 
 # -- FPD and KPD -------------------------------------------------------------------------------------

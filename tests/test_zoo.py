@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.loop import _STEPS
+from trainers.bank import Bank
+from trainers.data import ShowerData
 from zoo import create_model, list_models
 from zoo._registry import register_model
 from zoo.export import export_onnx, onnx_parity
@@ -45,8 +46,13 @@ def test_smoke(name, tmp_path):
     assert model.variant == name
     batch = _batch(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = _STEPS[model.kind](model)(lambda: batch, contextlib.nullcontext)
-    assert all(np.isfinite(v) for v in losses.values())
+    angle, geometry = _extra(model, 16)
+    data = ShowerData(batch["showers"].numpy(), batch["energy"].double().numpy(), model.readout, "synthetic",
+                      angle=angle, geometry=None if geometry is None else np.array(geometry))
+    bank = Bank([model], [data])  # one training step, as trainers.loop takes it
+    losses = bank.step(contextlib.nullcontext)
+    bank.unstacked(0)
+    assert all(bool(torch.isfinite(v).all()) for v in losses.values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval()
     showers = model.sample(np.array([1000.0, 20000.0, 300000.0]), *(_extra(model, 3)))

@@ -30,7 +30,8 @@ def synthetic_batch(model: FastCaloGAN, n: int = 32, seed: int = 1) -> dict:
     energy = 256.0 * 2.0 ** torch.randint(0, 15, (n,), generator=g).double()
     frac = torch.distributions.Dirichlet(torch.ones(model.n_voxels)).sample((n,)) * 0.6
     showers = (frac * energy[:, None]).float()
-    return {"showers": showers, "energy": energy.float(), "conditions": model.encode_conditions(energy)}
+    return {"showers": showers, "energy": energy.float(), "conditions": model.encode_conditions(energy),
+            **model.draw_training_noise("critic", n, g)}  # latent, gp_mix
 
 
 def set_linear_critic(model: FastCaloGAN, voxel_weight, cond_weight: float = 5.0) -> None:
@@ -114,7 +115,7 @@ def test_gradient_penalty_of_a_linear_critic(voxel_weight, expected):
     batch = synthetic_batch(model, n=6)
     real = model.preprocess(batch["showers"], batch["energy"])
     fake = torch.rand(6, 8)
-    gp = model.gradient_penalty(real, fake, batch["conditions"])
+    gp = model.gradient_penalty(real, fake, batch["conditions"], torch.rand(6))
     assert gp.item() == pytest.approx(expected, abs=1e-6)
     assert model.critic_loss(batch)["gp"].item() == pytest.approx(expected, abs=1e-6)
     if expected > 0:
@@ -123,12 +124,12 @@ def test_gradient_penalty_of_a_linear_critic(voxel_weight, expected):
 
 def test_gradient_penalty_is_differentiable_in_the_critic_weights():
     # d/dw (||w|| - 1)^2 = 2 (||w|| - 1) w / ||w||: for w = (3, 4, 0...) that is 2 * 4 * (0.6, 0.8) =
-    # (4.8, 6.4); the condition weight gets nothing. A penalty built without create_graph=True
+    # (4.8, 6.4); the condition weight gets nothing. A penalty whose inner gradient were detached
     # would leave these gradients at zero.
     model = tiny_model(critic_widths=())
     set_linear_critic(model, [3.0, 4.0, 0, 0, 0, 0, 0, 0])
     cond = model.encode_conditions([1e3, 1e5])
-    model.gradient_penalty(torch.rand(2, 8), torch.rand(2, 8), cond).backward()
+    model.gradient_penalty(torch.rand(2, 8), torch.rand(2, 8), cond, torch.rand(2)).backward()
     grad = model.critic.layers[0].weight.grad[0]
     torch.testing.assert_close(grad, torch.tensor([0.0, 4.8, 6.4, 0, 0, 0, 0, 0, 0]), atol=1e-5, rtol=1e-5)
 
@@ -140,10 +141,8 @@ def test_critic_loss_of_a_linear_critic_by_hand():
     w = torch.tensor([0.6, 0.8, 0, 0, 0, 0, 0, 0])
     set_linear_critic(model, w.tolist())
     batch = synthetic_batch(model, n=8)
-    torch.manual_seed(7)
     out = model.critic_loss(batch)
-    torch.manual_seed(7)  # the same noise, drawn first inside critic_loss
-    fake = model.generator_forward(torch.randn(8, 4), batch["conditions"])
+    fake = model.generator_forward(batch["latent"], batch["conditions"])
     real = batch["showers"] / batch["energy"][:, None]
     expected = (fake @ w).mean() - (real @ w).mean()
     assert out["loss"].item() == pytest.approx(expected.item(), abs=1e-5)

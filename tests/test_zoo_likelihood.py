@@ -46,6 +46,7 @@ def synthetic_batch(model, n: int, seed: int = 0) -> dict:
         "showers": torch.as_tensor(frac * energy[:, None], dtype=torch.float32),
         "energy": torch.as_tensor(energy, dtype=torch.float32),
         "conditions": model.encode_conditions(energy, angle, geometry),
+        **model.draw_training_noise("loss", n, torch.Generator().manual_seed(seed)),
     }
 
 
@@ -135,13 +136,11 @@ def test_vae_shapes_and_defaults():
 def test_vae_loss_is_summed_bce_plus_weighted_kl():
     model = par04_vae_pbwo4(readout=TINY_READOUT, encoder_widths=(6, 4), latent_dim=3, kl_weight=0.7).eval()
     batch = synthetic_batch(model, 5)
-    torch.manual_seed(123)
     out = model.losses(batch)
 
-    torch.manual_seed(123)  # the same reparameterisation noise
     x = batch["showers"] / batch["energy"][:, None]
     mu, logvar = model.encode(x, batch["conditions"])
-    z = mu + torch.exp(0.5 * logvar) * torch.randn(5, 3)
+    z = mu + torch.exp(0.5 * logvar) * batch["latent"]  # the batch's reparameterisation noise
     p = torch.sigmoid(model.decode_logits(z, batch["conditions"])).double()
     x = x.double()
     bce = -(x * p.log() + (1 - x) * (1 - p).log())  # (5, 8)

@@ -5,8 +5,9 @@ locally). Each worker takes a share of the regions balanced by cost (voxels × i
 first onto the least loaded worker) and trains them as banks of at most ``bank_size`` models
 (``trainers.bank``), sorted by voxel count so that a bank pads little. Every region keeps its own
 folder ``OUT/<region>/`` on the run's shared storage
-with at most ``keep_checkpoints`` checkpoint files, its own validation metric and best epoch, and its
-own MLflow run, a child of the fleet's run.
+with at most ``keep_checkpoints`` checkpoint files, its own validation metric and best epoch, and,
+through the ``tracker`` it is handed (calozoo's: an MLflow run per region, a child of the fleet's run),
+its own record; the fleet itself imports no tracking library.
 
 Fault tolerance: with ``FailureConfig(max_failures)``, a worker that dies is replaced, Ray Train
 restarts the worker group, and every region resumes from its own latest checkpoint (regions that are
@@ -17,14 +18,32 @@ region resumed rather than restarted.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
-__all__ = ["FleetConfig", "assign_regions", "list_regions", "run_fleet", "train_share"]
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from showers.campaign import list_regions
+from showers.errors import ShowerDataError
+from showers.formats import file_readout, open_h5
+from trainers.data import ShowerData, load_showers, split_validation
+from trainers.loop import TrainConfig, train_models
+from trainers.reptile import load_compatible
+from zoo import create_model_for
+from zoo.base import ShowerModel
+from zoo.checkpoint import CheckpointManager, load_checkpoint
+
+__all__ = ["FleetConfig", "FleetTracker", "assign_regions", "check_config", "list_regions", "run_fleet",
+           "train_share"]
 
 
 @dataclass
@@ -50,31 +69,39 @@ class FleetConfig:
     val_fraction: float = 0.2
     min_val_per_energy: int = 100
     seed: int = 0
-    campaign: str = "fleet"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
-    plots: bool = True
     init_checkpoint: str | None = None  # a meta-initialisation (trainers.reptile): a meta-adapted fleet
 
 
-def list_regions(data_dir, patterns=None) -> list[str]:
-    """The regions of a campaign folder (its ``*.h5`` files), optionally filtered by globs."""
-    names = sorted(p.stem for p in Path(data_dir).glob("*.h5"))
-    if not names:
-        raise FileNotFoundError(f"{data_dir}: no <region>.h5 files")
-    if patterns:
-        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
-        if not names:
-            raise ValueError(f"no region of {data_dir} matches {list(patterns)}")
-    return names
+class FleetTracker(Protocol):
+    """How a fleet records its regions without importing a tracking library (calozoo hands it an
+    MLflow one). It is pickled to the Ray workers, so it holds only what pickles (a URI, a run id)."""
+
+    def start_region(self, region: str, model: ShowerModel, run_dir: Path, train: ShowerData,
+                     val: ShowerData) -> Callable[[dict, int], None]:
+        """Called on the worker before the region trains; returns ``log(record, iteration)``."""
+
+    def finish_region(self, region: str, run_dir: Path, val: ShowerData) -> None:
+        """Called on the worker after the region has trained."""
 
 
 def _n_voxels(path: Path) -> int:
-    import h5py
-
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
+        if "showers" not in f:
+            raise ShowerDataError(path, "no 'showers' dataset: not a CaloChallenge file")
         return int(f["showers"].shape[1])
+
+
+def check_config(cfg: FleetConfig) -> None:
+    """Refuse a fleet that cannot train, before any Ray worker starts: unreadable region files (named),
+    training options and model overrides that make no sense (by building the first region's model)."""
+    for n in cfg.regions:
+        _n_voxels(Path(cfg.data_dir) / f"{n}.h5")
+    TrainConfig(**cfg.train)
+    first = Path(cfg.data_dir) / f"{cfg.regions[0]}.h5"
+    readout = file_readout(first)
+    if readout is None:
+        raise ShowerDataError(first, "the file records no readout (a campaign of `calozoo simulate` does)")
+    create_model_for(cfg.model, readout, **cfg.overrides)
 
 
 def assign_regions(costs: dict[str, float], n_workers: int) -> list[list[str]]:
@@ -94,25 +121,27 @@ def _region_log(run_dir: Path, text: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 
 
-def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank: int = 0, report=None) -> dict:
-    """Train ``regions`` (one worker's share) as banks; returns {region: best checkpoint entry}."""
-    import torch
+def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank: int = 0, report=None,
+                tracker: FleetTracker | None = None) -> dict:
+    """Train ``regions`` (one worker's share) as banks; returns {region: best checkpoint entry}.
 
-    from trainers.bank import train_bank
-    from trainers.checkpoint import CheckpointManager, load_checkpoint
-    from trainers.data import load_showers, split_validation
-    from trainers.loop import TrainConfig
-    from trainers.reptile import load_compatible
-    from zoo import create_model
-
+    Regions are trained in banks of at most ``bank_size`` models that share a shape (``trainers.bank``:
+    the same voxel count), one bank after another.
+    """
     tcfg = TrainConfig(**{**cfg.train, "device": str(device)})
     out = Path(cfg.out_dir)
     results = {}
     init = load_checkpoint(cfg.init_checkpoint)["model"] if cfg.init_checkpoint else None
-    # banks of similar voxel counts: a bank computes every model at its largest N
+    # banks of one voxel count: regions sorted by it, then cut into banks
     regions = sorted(regions, key=lambda n: (_n_voxels(Path(cfg.data_dir) / f"{n}.h5"), n))
-    for b0 in range(0, len(regions), cfg.bank_size):
-        names = regions[b0:b0 + cfg.bank_size]
+    groups: list[list[str]] = []
+    for n in regions:
+        if groups and len(groups[-1]) < cfg.bank_size and _n_voxels(Path(cfg.data_dir) / f"{groups[-1][0]}.h5") \
+                == _n_voxels(Path(cfg.data_dir) / f"{n}.h5"):
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    for names in groups:
         dirs = [out / n for n in names]
         # the iteration each region starts from, from its checkpoint index (no checkpoint is read)
         starts = [max((e["iteration"] for e in CheckpointManager(d / "checkpoints").entries), default=0)
@@ -126,67 +155,37 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
             data = load_showers(Path(cfg.data_dir) / f"{n}.h5")
             tr, va = split_validation(data, cfg.val_fraction, cfg.min_val_per_energy, seed=cfg.seed)
             torch.manual_seed(cfg.seed)
-            model = create_model(cfg.model, **{**cfg.overrides, "readout": data.readout.to_dict()})
+            model = create_model_for(cfg.model, data.readout, **cfg.overrides)
             if init is not None:
                 load_compatible(model, init)
             models.append(model)
             trains.append(tr)
             vals.append(va)
         for n, d, s in zip(names, dirs, starts):
-            _region_log(d, f"start iteration={s} rank={rank} pid={os.getpid()}")
-        runs = _tracked_runs(cfg, models, names, dirs, trains, vals) if cfg.tracking else None
+            _region_log(d, f"start iteration={s} rank={rank} bank={len(names)} pid={os.getpid()}")
+        logs = ([tracker.start_region(n, m, d, tr, va) for n, m, d, tr, va in zip(names, models, dirs, trains, vals)]
+                if tracker is not None else None)
 
-        def log(i, record, iteration, runs=runs):
-            if runs is not None:
-                runs[i].log_metrics(record, iteration)
+        def log(i, record, iteration, logs=logs):
+            if logs is not None:
+                logs[i](record, iteration)
 
-        train_bank(models, trains, vals, tcfg, dirs, rng=cfg.rng, seeds=[cfg.seed] * len(names), log=log,
-                   names=names)
-        for i, (n, d) in enumerate(zip(names, dirs)):
+        train_models(models, trains, vals, tcfg, dirs, rng=cfg.rng, seeds=[cfg.seed] * len(names), log=log,
+                     names=names)
+        for n, d, va in zip(names, dirs, vals):
             best = CheckpointManager(d / "checkpoints").best()
             results[n] = best
             _region_log(d, f"done iteration={tcfg.iterations} best={best['iteration']} "
                            f"chi2_sum={best['metrics']['chi2_sum']:.4g}")
-            if runs is not None:
-                _finish_run(runs[i], d, vals[i], cfg.plots)
+            if tracker is not None:
+                tracker.finish_region(n, d, va)
     if report is not None:
         report({"regions_done": len(results), "rank": rank})
     return results
 
 
-def _tracked_runs(cfg, models, names, dirs, trains, vals):
-    from registry.tracking import TrackedRun
-    from registry.training import model_params, run_name
-
-    runs = []
-    for m, n, d, tr, va in zip(models, names, dirs, trains, vals):
-        params = {**model_params(m), "train": cfg.train, "fleet": {"bank_size": cfg.bank_size, "rng": cfg.rng},
-                  "data": {"source": tr.source, "n_train": len(tr), "n_validation": len(va)}}
-        tags = {"calozoo.family": m.family, "calozoo.variant": m.variant, "calozoo.region": n,
-                "calozoo.campaign": cfg.campaign, "calozoo.run_dir": str(Path(d).resolve())}
-        runs.append(TrackedRun(run_name(m, n), cfg.campaign, d, params=params, tags=tags,
-                               parent_run_id=cfg.parent_run_id, uri=cfg.tracking_uri))
-    return runs
-
-
-def _finish_run(run, run_dir, val, plots: bool) -> None:
-    from registry.training import best_tags, validation_plot
-
-    run.set_tags(best_tags(run_dir))
-    run.log_artifact(Path(run_dir) / "checkpoints", "checkpoints")
-    if plots:
-        png = validation_plot(run_dir, val, title=f"{run.name} ({run.experiment})")
-        if png is not None:
-            run.log_artifact(png, "plots")
-    run.finish("FINISHED")
-
-
 def _worker_loop(config: dict) -> None:
     """Ray Train's per-worker function: this worker's share of the regions, as banks."""
-    import ray
-    import ray.train
-    import torch
-
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     cfg = FleetConfig(**config["fleet"])
@@ -196,32 +195,28 @@ def _worker_loop(config: dict) -> None:
     (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     (pid_dir / f"rank{rank}.node").write_text(ray.get_runtime_context().get_node_id())
     if torch.cuda.is_available() and config.get("use_gpu"):
-        import ray.train.torch
-
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(int(config.get("threads", 1)))
+    # as many torch threads as CPUs this worker holds: more would oversubscribe the node's cores
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
     # ray.train.report is collective (every worker must call it as often as the others), and workers
     # finish their banks at different times: report once, at the end; per-region progress goes to
-    # MLflow and to the regions' folders.
-    train_share(cfg, share, device, rank, report=lambda m: ray.train.report({**m, "finished": 1}))
+    # the tracker and to the regions' folders.
+    train_share(cfg, share, device, rank, report=lambda m: ray.train.report({**m, "finished": 1}),
+                tracker=config.get("tracker"))
 
 
 def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
-              max_failures: int = 3, threads_per_worker: int = 1) -> dict:
+              max_failures: int = 3, threads_per_worker: int = 1, tracker: FleetTracker | None = None) -> dict:
     """Train ``cfg.regions`` on a Ray Train ``TorchTrainer`` of ``num_workers`` workers.
 
-    Returns {"shares", "seconds", "regions": {region: best entry}}; the fleet's MLflow run (when
-    tracking) is the parent of every region's run.
+    tracker: records each region (on the workers), e.g. calozoo's MLflow tracker; None: no tracking.
+    Returns {"shares", "seconds", "status", "regions": {region: best entry}}, also written to
+    ``OUT/summary.json``.
     """
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from trainers.checkpoint import CheckpointManager
-
     t0 = time.perf_counter()
+    check_config(cfg)
     out = Path(cfg.out_dir).resolve()
     cfg.out_dir = str(out)
     cfg.data_dir = str(Path(cfg.data_dir).resolve())
@@ -229,15 +224,6 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
     iterations = int(cfg.train.get("iterations", 2000))
     costs = {n: _n_voxels(Path(cfg.data_dir) / f"{n}.h5") * iterations for n in cfg.regions}
     shares = assign_regions(costs, num_workers)
-    parent = None
-    if cfg.tracking:
-        from registry.tracking import TrackedRun
-
-        parent = TrackedRun(f"fleet/{cfg.model}", cfg.campaign, out / "_fleet", uri=cfg.tracking_uri,
-                            params={"model": cfg.model, "n_regions": len(cfg.regions), "workers": num_workers,
-                                    "train": cfg.train, "overrides": cfg.overrides, "bank_size": cfg.bank_size},
-                            tags={"calozoo.fleet": "true", "calozoo.campaign": cfg.campaign})
-        cfg.parent_run_id = parent.run_id
     (out / "fleet.json").write_text(json.dumps({"config": asdict(cfg), "shares": shares}, indent=1))
 
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job
@@ -246,7 +232,8 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
                  **({} if address else {"num_cpus": max(num_workers * threads_per_worker, os.cpu_count() or 1)}))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"fleet": asdict(cfg), "shares": shares, "use_gpu": use_gpu, "threads": threads_per_worker},
+        train_loop_config={"fleet": asdict(cfg), "shares": shares, "use_gpu": use_gpu, "threads": threads_per_worker,
+                           "tracker": tracker},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": threads_per_worker}),
         run_config=RunConfig(name=f"fleet-{cfg.model}", storage_path=str(out / "_ray"),
@@ -257,17 +244,7 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
         trainer.fit()
         status = "FINISHED"
     finally:
-        regions = {}
-        for n in cfg.regions:
-            best = CheckpointManager(out / n / "checkpoints").best()
-            regions[n] = best
-        summary = {"shares": shares, "seconds": time.perf_counter() - t0, "regions": regions}
+        regions = {n: CheckpointManager(out / n / "checkpoints").best() for n in cfg.regions}
+        summary = {"shares": shares, "seconds": time.perf_counter() - t0, "status": status, "regions": regions}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        if parent is not None:
-            done = [b for b in regions.values() if b]
-            parent.log_metrics({"regions_done": len(done), "seconds": summary["seconds"],
-                                "mean_best_chi2_sum": (sum(b["metrics"]["chi2_sum"] for b in done) / len(done))
-                                if done else float("nan")}, iterations)
-            parent.log_artifact(out / "summary.json")
-            parent.finish(status)
     return summary

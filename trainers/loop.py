@@ -1,19 +1,19 @@
-"""The single-model trainer: one outer loop for every model, one *step* per kind of training.
+"""The training loop: one outer loop for every model and every number of models.
 
-- ``likelihood`` models (VAE, AR, flows): one optimiser step on ``losses(batch)["loss"]``;
-- ``adversarial`` models (the GAN): ``n_critic`` critic steps on ``critic_loss`` (each on a fresh
-  batch) then one generator step on ``generator_loss``, two Adam optimisers.
-
-The outer loop samples batches, checkpoints every ``checkpoint_every`` iterations (the model's
-config, the transform spec, both optimisers, the iteration and every RNG state: a killed run resumes
-exactly where it stopped), validates at each checkpoint with FastCaloGAN's criterion on a held-out
-set, keeps at most ``keep_checkpoints`` files, shows a progress bar, and can follow FastCaloGAN's
-incremental schedule (start at the energy closest to 32 GeV, add one energy point every
-``incremental_every`` iterations in the order 32, 64, 16, 128, 8, 256, ... GeV).
+:func:`train_models` trains K ≥ 1 models as banks (``trainers.bank``: the models stacked, the
+family's own losses under ``vmap``, one step per kind of training: ``likelihood`` or
+``adversarial``); :func:`train` is a bank of one. The outer loop samples batches, checkpoints every
+``checkpoint_every`` iterations (the model's config, the transform spec, both optimisers, the
+iteration and every RNG state: a killed run resumes exactly where it stopped), validates at each
+checkpoint with FastCaloGAN's criterion on a held-out set, keeps at most ``keep_checkpoints`` files,
+shows a progress bar, and can follow FastCaloGAN's incremental schedule (start at the energy closest
+to 32 GeV, add one energy point every ``incremental_every`` iterations in the order 32, 64, 16, 128,
+8, 256, ... GeV).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,18 +22,22 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from trainers.checkpoint import CheckpointManager, load_checkpoint
+from trainers.bank import Bank, bank_groups
 from trainers.data import ShowerData, energy_points
-from trainers.metrics import etot_chi2
+from validate.metrics import etot_chi2
 from zoo.base import ShowerModel
+from zoo.checkpoint import CheckpointManager, load_checkpoint
 
-__all__ = ["TrainConfig", "TrainResult", "checkpoint_state", "incremental_order", "train", "validate"]
+__all__ = ["TrainConfig", "TrainResult", "checkpoint_state", "incremental_order", "train", "train_models",
+           "validate"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """How to train (the model's own hyper-parameters live in its config)."""
+    """How to train (the model's own hyper-parameters live in its config); refused, with the field
+    and what is allowed, when a value makes no sense."""
 
     iterations: int = 2000
     checkpoint_every: int = 500
@@ -45,6 +49,19 @@ class TrainConfig:
     n_val_max: int = 20000  # validation showers generated per checkpoint, at most
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form, logged with the run
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "checkpoint_every", "n_val_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) \
+                or self.keep_checkpoints < 2:
+            raise ValueError(f"keep_checkpoints must be >= 2 (the best and the latest), got {self.keep_checkpoints!r}")
+        if self.incremental_every is not None and (not isinstance(self.incremental_every, int)
+                                                   or self.incremental_every < 1):
+            raise ValueError(f"incremental_every must be a whole number >= 1 or None, got {self.incremental_every!r}")
+        _device(self.device)  # refuses an unknown device, or CUDA where there is none
 
 
 @dataclass
@@ -73,104 +90,22 @@ def incremental_order(points_mev) -> list[float]:
 
 
 def _device(name: str) -> torch.device:
+    """"auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:1", ...; refuses what is not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _hp(model: ShowerModel, name: str, default):
-    return getattr(model.config, name, default)
-
-
-class _LikelihoodStep:
-    def __init__(self, model):
-        self.model = model
-        self.opt = torch.optim.Adam(model.parameters(), lr=_hp(model, "learning_rate", 1e-3))
-
-    def __call__(self, next_batch, autocast) -> dict:
-        with autocast():
-            out = self.model.losses(next_batch())
-        self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.opt.step()
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
-
-    def state(self) -> dict:
-        return {"opt": self.opt.state_dict()}
-
-    def load(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
-
-
-class _AdversarialStep:
-    def __init__(self, model):
-        self.model = model
-        lr, b1, b2 = _hp(model, "learning_rate", 1e-4), _hp(model, "beta1", 0.5), _hp(model, "beta2", 0.999)
-        self.n_critic = int(_hp(model, "n_critic", 5))
-        self.opt_c = torch.optim.Adam(model.critic_parameters(), lr=lr, betas=(b1, b2))
-        self.opt_g = torch.optim.Adam(model.generator_parameters(), lr=lr, betas=(b1, b2))
-
-    def __call__(self, next_batch, autocast) -> dict:
-        for _ in range(self.n_critic):
-            with autocast():
-                c = self.model.critic_loss(next_batch())
-            self.opt_c.zero_grad(set_to_none=True)
-            c["loss"].backward()
-            self.opt_c.step()
-        with autocast():
-            g = self.model.generator_loss(next_batch())
-        self.opt_g.zero_grad(set_to_none=True)
-        g["loss"].backward()
-        self.opt_g.step()
-        out = {f"critic_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in c.items()}
-        out.update({f"generator_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in g.items()})
-        return out
-
-    def state(self) -> dict:
-        return {"opt_c": self.opt_c.state_dict(), "opt_g": self.opt_g.state_dict()}
-
-    def load(self, state: dict) -> None:
-        self.opt_c.load_state_dict(state["opt_c"])
-        self.opt_g.load_state_dict(state["opt_g"])
-
-
-_STEPS = {"likelihood": _LikelihoodStep, "adversarial": _AdversarialStep}
-
-
-class _Batches:
-    """Random batches of the training showers (on the device), from the active energy points."""
-
-    def __init__(self, model, data: ShowerData, batch_size: int, device, generator: torch.Generator):
-        self.batch_size, self.gen = batch_size, generator
-        self.showers = torch.as_tensor(data.showers, dtype=torch.float32, device=device)
-        self.energy = torch.as_tensor(data.energy, dtype=torch.float32, device=device)
-        geometry = None if data.geometry is None else list(data.geometry)
-        self.conditions = model.encode_conditions(data.energy, data.angle, geometry, ignore_unused=True).to(device)
-        self.energy_np = data.energy
-        self.active = torch.arange(len(data), device=device)
-
-    def restrict(self, energies) -> None:
-        mask = np.isin(self.energy_np, np.asarray(list(energies)))
-        self.active = torch.as_tensor(np.flatnonzero(mask), device=self.showers.device)
-
-    def __call__(self) -> dict:
-        pick = torch.randint(len(self.active), (self.batch_size,), generator=self.gen)
-        idx = self.active[pick.to(self.active.device)]
-        return {"showers": self.showers[idx], "energy": self.energy[idx], "conditions": self.conditions[idx]}
-
-
-def _rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "batches": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["batches"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this machine has no CUDA device (torch {torch.__version__}); "
+                             "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
 
 
 @torch.no_grad()
@@ -186,78 +121,130 @@ def validate(model: ShowerModel, val: ShowerData, n_max: int = 20000, seed: int 
 
 def train(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg: TrainConfig, out_dir,
           resume: bool = True, log: Callable[[dict, int], None] | None = None) -> TrainResult:
-    """Train ``model`` on ``train_data``, validating on ``val_data``, checkpoints in ``out_dir``.
+    """Train one model: :func:`train_models` with a bank of one (random streams seeded ``cfg.seed``).
 
-    resume: continue from the latest checkpoint in ``out_dir`` if there is one (same seed, same
-    batches, same noise: the losses after resuming equal those of an uninterrupted run).
-    log: called as ``log(metrics, iteration)`` at each checkpoint (the registry's MLflow logger).
+    resume: continue from the latest checkpoint in ``out_dir`` if there is one (same batches, same
+    noise: the losses after resuming equal those of an uninterrupted run).
+    log: called as ``log(record, iteration)`` at each checkpoint (e.g. calozoo's MLflow logger).
     """
+    each = None if log is None else (lambda i, record, iteration: log(record, iteration))
+    return train_models([model], [train_data], [val_data], cfg, [out_dir], seeds=[cfg.seed], resume=resume,
+                        log=each, names=[model.variant])[0]
+
+
+def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_data: list[ShowerData],
+                 cfg: TrainConfig, run_dirs, *, rng: str = "per_model", seeds: list[int] | None = None,
+                 resume: bool = True, log: Callable[[int, dict, int], None] | None = None,
+                 names: list[str] | None = None) -> list[TrainResult]:
+    """Train K ≥ 1 models, model i on ``train_data[i]`` into ``run_dirs[i]/checkpoints``.
+
+    Models that can share a bank (``trainers.bank.bank_key``) train as one, the others as banks of
+    their own, one after another. Each model keeps its own checkpoints in the single-model format
+    (any of them rebuilds its model alone, and resumes under a bank of any size), its own validation
+    metric and best epoch. Each resumes from its own latest checkpoint; a bank starts at the earliest
+    of them (models that a crash in the middle of a save round left one checkpoint ahead wait: the
+    others catch up first, as a bank of their own, and then all go on together).
+
+    rng, seeds: ``trainers.bank.Bank``'s (default seeds: ``cfg.seed`` for every model).
+    log: called as ``log(i, record, iteration)`` after each of model i's checkpoints.
+    Returns one :class:`TrainResult` per model; the models hold the final weights.
+    """
+    k = len(models)
+    if not (k == len(train_data) == len(val_data) == len(run_dirs)):
+        raise ValueError(f"one training set, validation set and folder per model: got {k} models, "
+                         f"{len(train_data)}, {len(val_data)} and {len(run_dirs)}")
+    for m, d in zip(models, train_data):
+        if d.readout.n_voxels != m.n_voxels:
+            raise ValueError(f"data have {d.readout.n_voxels} voxels per shower ({d.readout.name}), "
+                             f"model {m.variant} expects {m.n_voxels}")
+    names = list(names) if names is not None else [f"model{i}" for i in range(k)]
+    seeds = list(seeds) if seeds is not None else [cfg.seed] * k
+    groups = bank_groups(models)
+    if len(groups) > 1:
+        results: list = [None] * k
+        for g in groups:
+            sub_log = None if log is None else (lambda j, record, iteration, g=g: log(g[j], record, iteration))
+            done = train_models([models[i] for i in g], [train_data[i] for i in g], [val_data[i] for i in g], cfg,
+                                [run_dirs[i] for i in g], rng=rng, seeds=[seeds[i] for i in g], resume=resume,
+                                log=sub_log, names=[names[i] for i in g])
+            for i, r in zip(g, done):
+                results[i] = r
+        return results
+
     t0 = time.perf_counter()
-    if model.kind not in _STEPS:
-        raise ValueError(f"model kind {model.kind!r} has no training loop; known: {', '.join(_STEPS)}")
-    if train_data.readout.n_voxels != model.n_voxels:
-        raise ValueError(f"data have {train_data.readout.n_voxels} voxels per shower ({train_data.readout.name}), "
-                         f"model {model.variant} expects {model.n_voxels}")
     device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model.fit_data(train_data.energy, train_data.showers)  # a resumed run reloads the same from its checkpoint
-    model.to(device).train()
-    step = _STEPS[model.kind](model)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = _Batches(model, train_data, int(_hp(model, "batch_size", 128)), device, gen)
-    ckpts = CheckpointManager(Path(out_dir) / "checkpoints", keep=cfg.keep_checkpoints)
-    start, history = 0, []
+    managers = [CheckpointManager(Path(d) / "checkpoints", keep=cfg.keep_checkpoints) for d in run_dirs]
+    states: list[dict | None] = [None] * k
+    for i, mgr in enumerate(managers):
+        latest = mgr.latest() if resume else None
+        if latest is not None:
+            states[i] = load_checkpoint(latest, map_location="cpu")
+            if states[i]["variant"] != models[i].variant:
+                raise ValueError(f"{latest} holds a {states[i]['variant']} model, not {models[i].variant}")
+    iters = [0 if s is None else int(s["iteration"]) for s in states]
+    top = min(max(iters), cfg.iterations)
+    behind = [i for i in range(k) if iters[i] < top]
+    if behind and len(behind) < k:
+        sub_log = None if log is None else (lambda j, record, iteration: log(behind[j], record, iteration))
+        train_models([models[i] for i in behind], [train_data[i] for i in behind], [val_data[i] for i in behind],
+                     dataclasses.replace(cfg, iterations=top), [run_dirs[i] for i in behind], rng=rng,
+                     seeds=[seeds[i] for i in behind], resume=True, log=sub_log, names=[names[i] for i in behind])
+        return train_models(models, train_data, val_data, cfg, run_dirs, rng=rng, seeds=seeds, resume=True, log=log,
+                            names=names)
 
-    latest = ckpts.latest() if resume else None
-    if latest is not None:
-        state = load_checkpoint(latest, map_location=device)
-        if state["variant"] != model.variant:
-            raise ValueError(f"{latest} holds a {state['variant']} model, not {model.variant}")
-        model.load_state_dict(state["model"])
-        step.load(state["optimiser"])
-        _set_rng_state(state["rng"], gen)
-        start, history = int(state["iteration"]), list(state.get("history", []))
-
-    data_info = {"train": train_data.describe(), "validation": val_data.describe()}
-    schedule = incremental_order(energy_points(train_data.energy)) if cfg.incremental_every else None
+    for m, d in zip(models, train_data):
+        m.fit_data(d.energy, d.showers)  # what a model keeps of its data (a resumed one reloads it below)
+    bank = Bank(models, train_data, device, rng, seeds)
+    start = iters[0]
+    histories = [[] if s is None else list(s.get("history", [])) for s in states]
+    if start > 0:
+        bank.load(states)
+    data_info = [{"train": t.describe(), "validation": v.describe()} for t, v in zip(train_data, val_data)]
+    schedules = [incremental_order(energy_points(t.energy)) for t in train_data] if cfg.incremental_every else None
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.iterations, initial=start, desc=model.variant, unit="it", disable=not cfg.progress)
-    last_metric = None
-    losses = {}
+    desc = names[0] if k == 1 else f"bank of {k} {models[0].variant}"
+    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, unit="it", disable=not cfg.progress)
+    shown: dict = {}
     for it in range(start, cfg.iterations):
-        if schedule is not None:
-            n_active = min(1 + it // cfg.incremental_every, len(schedule))
-            if it == start or it % cfg.incremental_every == 0:
-                batches.restrict(schedule[:n_active])
-        losses = step(batches, autocast)
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(f"{model.variant}: non-finite loss at iteration {it + 1}: {losses}")
+        if schedules is not None and (it == start or it % cfg.incremental_every == 0):
+            bank.restrict([s[: min(1 + it // cfg.incremental_every, len(s))] for s in schedules])
+        losses = bank.step(autocast)
         done = it + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            model.eval()
-            metrics, _ = validate(model, val_data, cfg.n_val_max)
-            model.train()
-            record = {"iteration": done, **losses, **{k: v for k, v in metrics.items() if k != "per_energy"}}
-            history.append(record)
-            state = checkpoint_state(model, model.state_dict(), step.state(), done, _rng_state(gen), record,
-                                     history, cfg, data_info)
-            ckpts.save(state, done, record)
-            last_metric = metrics["chi2_sum"]
-            if log is not None:
-                log(record, done)
+            values = {name: v.float().cpu().numpy() for name, v in losses.items()}
+            bad = [names[i] for i in range(k) if not all(math.isfinite(float(v[i])) for v in values.values())]
+            if bad:
+                raise FloatingPointError(f"non-finite loss at iteration {done} for {', '.join(bad)}: "
+                                         f"{ {n: v.tolist() for n, v in values.items()} }")
+            chi2 = []
+            for i in range(k):
+                model = bank.unstacked(i)
+                model.eval()
+                metrics, _ = validate(model, val_data[i], cfg.n_val_max)
+                model.train()
+                record = {"iteration": done, **{n: float(v[i]) for n, v in values.items()},
+                          **{n: v for n, v in metrics.items() if n != "per_energy"}}
+                histories[i].append(record)
+                state = checkpoint_state(model, bank.model_state(i), bank.optimiser_state(i), done, bank.rng_state(i),
+                                         record, histories[i], cfg, data_info[i])
+                managers[i].save(state, done, record)
+                chi2.append(metrics["chi2_sum"])
+                if log is not None:
+                    log(i, record, done)
+            shown["chi2"] = f"{float(np.mean(chi2)):.3g}"
         bar.update(1)
         if done % 10 == 0 or done == cfg.iterations:
-            shown = {k: f"{v:.3g}" for k, v in list(losses.items())[:3]}
-            if last_metric is not None:
-                shown["chi2"] = f"{last_metric:.3g}"
+            shown.update({n: f"{float(v.float().mean()):.3g}" for n, v in list(losses.items())[:3]})
             bar.set_postfix(shown, refresh=False)
     bar.close()
-    return TrainResult(max(cfg.iterations, start), ckpts.best(), ckpts.files(), history, time.perf_counter() - t0)
+    for i in range(k):
+        bank.unstacked(i)
+    seconds = time.perf_counter() - t0
+    return [TrainResult(max(cfg.iterations, it), mgr.best(), mgr.files(), hist, seconds)
+            for it, mgr, hist in zip(iters, managers, histories)]
 
 
 def checkpoint_state(model: ShowerModel, model_state: dict, optimiser: dict, iteration: int, rng: dict, record: dict,

@@ -2,7 +2,7 @@
 
 Meta-training looks for an initialisation from which a few hundred steps fit any task (a detector
 region, a geometry, a material): repeatedly pick a task, train a copy of the model on it for
-``inner_steps`` with the ordinary training step (``trainers.loop``; a fresh Adam each visit), and move
+``inner_steps`` with the ordinary training step (a bank of one, ``trainers.bank``; a fresh Adam each visit), and move
 the meta-parameters a fraction ``epsilon`` of the way towards the result,
 θ ← θ + ε (θ_task − θ), with ε annealed linearly from ``meta_lr`` to 0. Buffers (batch-norm statistics)
 are interpolated the same way.
@@ -23,9 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from showers.calibrate import core_bins
+from showers.observables import longitudinal_profile
+from trainers.bank import Bank
 from trainers.data import ShowerData
-from trainers.loop import _STEPS, _Batches
 from zoo.base import ShowerModel
 
 __all__ = ["ReptileConfig", "load_compatible", "meta_train", "profile_difference", "steps_to_target",
@@ -50,31 +53,29 @@ def _check(model: ShowerModel) -> None:
 def meta_train(model: ShowerModel, tasks: dict[str, ShowerData], cfg: ReptileConfig, device="cpu") -> list[dict]:
     """Meta-train ``model`` in place over ``tasks`` (name → training showers); returns a history of
     (meta-iteration, task, inner loss)."""
-    from tqdm.auto import tqdm
-
     _check(model)
     device = torch.device(device)
     model.to(device).train()
     rng = np.random.default_rng(cfg.seed)
     names = sorted(tasks)
-    batch_size = int(getattr(model.config, "batch_size", 100))
-    gens = {n: torch.Generator().manual_seed(cfg.seed + i) for i, n in enumerate(names)}
-    batches = {n: _Batches(model, tasks[n], batch_size, device, gens[n]) for n in names}
-    torch.manual_seed(cfg.seed)
+    # one bank of one per task (its data on the device, its batch stream), loaded with θ at each visit
+    banks = {n: Bank([model], [tasks[n]], device, seeds=[cfg.seed + i]) for i, n in enumerate(names)}
     history = []
     for it in tqdm(range(cfg.meta_iterations), desc="reptile", disable=not cfg.progress):
         name = names[rng.integers(len(names))]
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        step = _STEPS["likelihood"](model)
+        bank = banks[name]
+        bank.load_model_state(0, before)
+        bank.reset_optimisers()
         for _ in range(cfg.inner_steps):
-            out = step(batches[name], contextlib.nullcontext)
+            out = bank.step(contextlib.nullcontext)
         eps = cfg.meta_lr * (1 - it / cfg.meta_iterations) if cfg.anneal else cfg.meta_lr
-        after = model.state_dict()
+        after = bank.model_state(0)
         with torch.no_grad():
-            new = {k: (before[k] + eps * (after[k] - before[k])) if before[k].is_floating_point() else after[k]
-                   for k in before}
+            new = {k: (before[k] + eps * (after[k].to(before[k].device) - before[k]))
+                   if before[k].is_floating_point() else after[k] for k in before}
         model.load_state_dict(new)
-        history.append({"meta_iteration": it + 1, "task": name, "loss": out["loss"], "epsilon": eps})
+        history.append({"meta_iteration": it + 1, "task": name, "loss": float(out["loss"][0]), "epsilon": eps})
     return history
 
 
@@ -92,7 +93,8 @@ def validation_loss(model: ShowerModel, val: ShowerData, seed: int = 1234, n_max
                                        ignore_unused=True)
         batch = {"showers": torch.as_tensor(val.showers[idx], device=model.device),
                  "energy": torch.as_tensor(val.energy[idx], dtype=torch.float32, device=model.device),
-                 "conditions": cond}
+                 "conditions": cond,
+                 **model.draw_training_noise("loss", len(idx), torch.Generator(model.device).manual_seed(seed))}
         return float(model.losses(batch)["loss"])
     finally:
         torch.set_rng_state(state)
@@ -132,10 +134,7 @@ def steps_to_target(model: ShowerModel, train: ShowerData, val: ShowerData, targ
     _check(model)
     model.fit_data(train.energy, train.showers)  # the new task's statistics, if the model keeps any
     model.train()
-    torch.manual_seed(seed)
-    step = _STEPS["likelihood"](model)
-    batches = _Batches(model, train, int(getattr(model.config, "batch_size", 100)), model.device,
-                       torch.Generator().manual_seed(seed))
+    bank = Bank([model], [train], model.device, seeds=[seed])
     metric = metric or validation_loss
     curve = [(0, metric(model, val))]
     t0 = time.perf_counter()
@@ -143,9 +142,9 @@ def steps_to_target(model: ShowerModel, train: ShowerData, val: ShowerData, targ
     s = 0
     while reached is None and s < max_steps:
         for _ in range(eval_every):
-            step(batches, contextlib.nullcontext)
+            bank.step(contextlib.nullcontext)
         s += eval_every
-        curve.append((s, metric(model, val)))
+        curve.append((s, metric(bank.unstacked(0), val)))
         if curve[-1][1] <= target:
             reached = s
     return {"steps": reached, "seconds": time.perf_counter() - t0, "curve": curve}

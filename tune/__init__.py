@@ -1,1 +1,1 @@
-"""Hyper-parameter sweeps (grid and ASHA) with Ray Tune, logged to MLflow."""
+"""Hyper-parameter sweeps (grid and ASHA) with Ray Tune, tracked through the tracker they are handed."""

@@ -1,4 +1,4 @@
-"""Sweeps: grid and ASHA hyper-parameter search with Ray Tune, every trial an MLflow child run.
+"""Sweeps: grid and ASHA hyper-parameter search with Ray Tune.
 
 ``run_sweep`` runs a Ray Tune ``Tuner`` over :func:`_trial`, which trains one model with the same
 trainer as everywhere (``trainers.loop.train``): no second training loop. The search space is the
@@ -18,6 +18,9 @@ files; nothing is reported to Ray as a checkpoint), so an interrupted sweep resu
 from their last checkpoint. Trial names come from their ids and parameters, never timestamps. The
 best trial's config is written to ``OUT/best.json``, which ``calozoo train --config`` and
 ``calozoo fleet --config`` accept.
+
+Tracking is a :class:`SweepTracker` the sweep is handed (calozoo's: every trial an MLflow child run
+of the sweep's, ``calozoo.tracked``); the sweep itself imports no tracking library.
 """
 
 from __future__ import annotations
@@ -25,10 +28,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable, Protocol
 
-__all__ = ["SweepConfig", "SweepResult", "load_best", "param_space", "resume_sweep", "retrain_best", "run_sweep"]
+import torch
+
+from trainers.data import load_showers, split_validation
+from trainers.loop import TrainConfig, train
+from zoo import create_model
+from zoo.base import SearchSpace, ShowerModel
+
+__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "load_best", "load_config", "param_space", "resume_sweep",
+           "retrain_best", "run_sweep", "search_space", "trial_label"]
 
 METRICS = ("chi2_sum", "sep_power", "etot_shift")
 
@@ -60,10 +72,6 @@ class SweepConfig:
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
     seed: int = 0
-    campaign: str = "sweeps"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
 
     def __post_init__(self):
         if self.mode not in ("grid", "asha"):
@@ -81,9 +89,29 @@ class SweepResult:
     path: str
 
 
-def _space(cfg: SweepConfig):
-    from zoo import create_model
+class SweepTracker(Protocol):
+    """How a sweep records its trials without importing a tracking library (calozoo hands it an
+    MLflow one). It is pickled to the trials, so it holds only what pickles (a URI, a run id)."""
 
+    def start_trial(self, trial_id: str, model: ShowerModel, params: dict,
+                    run_dir: Path) -> tuple[Callable[[dict, int], None], Callable[[], object]]:
+        """Called in the trial before it trains (again when it resumes); returns
+        ``(log(record, iteration), finish())``, ``finish`` called however the trial ends."""
+
+
+def load_config(out_dir) -> SweepConfig:
+    """The :class:`SweepConfig` a sweep folder was started with (``OUT/sweep.json``); fields this
+    version no longer has (the tracking fields of older sweeps) are ignored."""
+    return _sweep_config(json.loads((Path(out_dir) / "sweep.json").read_text()))
+
+
+def _sweep_config(saved: dict) -> SweepConfig:
+    known = {f.name for f in fields(SweepConfig)}
+    return SweepConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def search_space(cfg: SweepConfig) -> SearchSpace:
+    """The family's typed search space, restricted as ``cfg.space`` and ``cfg.only_given`` say."""
     cls = type(create_model(cfg.model)).search_space
     if cfg.only_given:
         return cls.restricted(only=True, **cfg.space)
@@ -96,14 +124,15 @@ def param_space(cfg: SweepConfig) -> dict:
     """The Tune param_space: grid_search over the candidates (grid), or choice among them (asha)."""
     from ray import tune
 
-    cands = _space(cfg).candidates()
+    cands = search_space(cfg).candidates()
     if not cands:
         raise ValueError(f"{cfg.model}: empty search space")
     pick = tune.grid_search if cfg.mode == "grid" else tune.choice
     return {"params": {k: pick([list(x) if isinstance(x, tuple) else x for x in v]) for k, v in cands.items()}}
 
 
-def _trial_label(params: dict) -> str:
+def trial_label(params: dict) -> str:
+    """A trial's parameters in one short line, e.g. ``learning_rate=0.0001,n_critic=5``."""
     def short(v):
         if isinstance(v, (list, tuple)):
             return "-".join(map(str, v))
@@ -114,12 +143,6 @@ def _trial_label(params: dict) -> str:
 
 def _prepare(cfg: SweepConfig, params: dict):
     """The model (seeded, with the data's readout), the data split and the TrainConfig of a trial."""
-    import torch
-
-    from trainers.data import load_showers, split_validation
-    from trainers.loop import TrainConfig
-    from zoo import create_model
-
     data = load_showers(cfg.data)
     tr, va = split_validation(data, cfg.val_fraction, cfg.min_val_per_energy, seed=cfg.seed)
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
@@ -135,26 +158,19 @@ def retrain_best(out_dir, run_dir) -> list[dict]:
     """Train the sweep's best config again, outside Ray, to the iteration it was judged at; returns
     the checkpoint history (its last ``chi2_sum`` is the sweep's reported value, on the same data and
     seed)."""
-    import dataclasses
-
-    from trainers.loop import train
-
-    cfg = SweepConfig(**json.loads((Path(out_dir) / "sweep.json").read_text()))
+    cfg = load_config(out_dir)
     best = load_best(Path(out_dir) / "best.json")
     model, tr, va, tcfg = _prepare(cfg, best["overrides"])
-    result = train(model, tr, va, dataclasses.replace(tcfg, iterations=best["iteration"]), run_dir, resume=False)
+    result = train(model, tr, va, replace(tcfg, iterations=best["iteration"]), run_dir, resume=False)
     return result.history
 
 
-def _trial(config: dict) -> None:
+def _trial(config: dict, tracker: SweepTracker | None = None) -> None:
     """One trial: train the model with the trial's parameters, reporting at every checkpoint."""
-    import torch
     from ray import tune
 
-    from trainers.loop import train
-
     torch.set_num_threads(max(1, int(config["sweep"].get("cpus_per_trial", 1))))
-    cfg = SweepConfig(**config["sweep"])
+    cfg = _sweep_config(config["sweep"])
     params = config["params"]
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(cfg.out_dir) / "trials" / trial_id
@@ -163,34 +179,28 @@ def _trial(config: dict) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()}\n")
     (run_dir / "params.json").write_text(json.dumps(params, indent=1))
     model, tr, va, tcfg = _prepare(cfg, params)
-    run = None
-    if cfg.tracking:
-        from registry.tracking import TrackedRun
-        from registry.training import model_params
-
-        run = TrackedRun(f"{cfg.model}/{trial_id}", cfg.campaign, run_dir, uri=cfg.tracking_uri,
-                         parent_run_id=cfg.parent_run_id, params={**model_params(model), "params": params},
-                         tags={"calozoo.trial": trial_id, "calozoo.trial_params": _trial_label(params)})
+    track, finish = tracker.start_trial(trial_id, model, params, run_dir) if tracker is not None else (None, None)
 
     def log(record, iteration):
-        if run is not None:
-            run.log_metrics(record, iteration)
+        if track is not None:
+            track(record, iteration)
         tune.report({"iteration": iteration, **{m: record[m] for m in (*METRICS, "chi2_ndf")}})
 
     try:
         train(model, tr, va, tcfg, run_dir, resume=True, log=log)
     finally:
-        if run is not None:
-            run.finish()
+        if finish is not None:
+            finish()
 
 
-def _tuner(cfg: SweepConfig, restore_path: str | None = None):
+def _tuner(cfg: SweepConfig, restore_path: str | None = None, tracker: SweepTracker | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    trainable = tune.with_resources(_trial, resources)
+    # the tracker goes through the object store, not the config (which Tune writes to every trial's params.json)
+    trainable = tune.with_resources(tune.with_parameters(_trial, tracker=tracker), resources)
     if restore_path is not None:
         return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True)
     iterations = int(cfg.train.get("iterations", 2000))
@@ -208,52 +218,42 @@ def _tuner(cfg: SweepConfig, restore_path: str | None = None):
                                     search_alg=BasicVariantGenerator(random_state=cfg.seed,
                                                                      max_concurrent=cfg.max_concurrent or 0),
                                     num_samples=cfg.num_samples if cfg.mode == "asha" else 1,
-                                    trial_name_creator=lambda t: f"{t.trial_id}[{_trial_label(t.config['params'])}]",
+                                    trial_name_creator=lambda t: f"{t.trial_id}[{trial_label(t.config['params'])}]",
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(cfg.out_dir).resolve()), verbose=0),
     )
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None) -> SweepResult:
-    """Run the sweep (a local Ray unless ``address``); write ``OUT/best.json``; see the module docstring."""
+def run_sweep(cfg: SweepConfig, address: str | None = None, tracker: SweepTracker | None = None) -> SweepResult:
+    """Run the sweep (a local Ray unless ``address``); write ``OUT/best.json``; see the module docstring.
+
+    tracker: records each trial (in the trial), e.g. calozoo's MLflow tracker; None: no tracking.
+    """
     out = Path(cfg.out_dir).resolve()
     cfg.out_dir = str(out)
     cfg.data = str(Path(cfg.data).resolve())
     out.mkdir(parents=True, exist_ok=True)
-    parent = None
-    if cfg.tracking:
-        from registry.tracking import TrackedRun
-
-        parent = TrackedRun(f"sweep/{cfg.model}/{cfg.mode}", cfg.campaign, out / "_sweep", uri=cfg.tracking_uri,
-                            params={"model": cfg.model, "mode": cfg.mode, "metric": cfg.metric,
-                                    "space": {k: json.dumps(v) for k, v in _space(cfg).candidates().items()},
-                                    "train": cfg.train},
-                            tags={"calozoo.sweep": "true"})
-        cfg.parent_run_id = parent.run_id
     (out / "sweep.json").write_text(json.dumps(asdict(cfg), indent=1))
-    return _fit(cfg, _tuner(cfg), parent, address)
+    return _fit(cfg, lambda: _tuner(cfg, tracker=tracker), address)
 
 
-def resume_sweep(out_dir, address: str | None = None) -> SweepResult:
-    """Resume an interrupted sweep (``Tuner.restore``): finished trials are kept, unfinished ones resume."""
+def resume_sweep(out_dir, address: str | None = None, tracker: SweepTracker | None = None) -> SweepResult:
+    """Resume an interrupted sweep (``Tuner.restore``): finished trials are kept, unfinished ones
+    resume (recorded by ``tracker``, which should be the one the sweep started with)."""
     out = Path(out_dir).resolve()
-    cfg = SweepConfig(**json.loads((out / "sweep.json").read_text()))
-    parent = None
-    if cfg.tracking and cfg.parent_run_id:
-        from registry.tracking import TrackedRun
-
-        parent = TrackedRun(f"sweep/{cfg.model}/{cfg.mode}", cfg.campaign, out / "_sweep", uri=cfg.tracking_uri)
-    return _fit(cfg, _tuner(cfg, restore_path=str(out / "tune")), parent, address)
+    cfg = load_config(out)
+    return _fit(cfg, lambda: _tuner(cfg, restore_path=str(out / "tune"), tracker=tracker), address)
 
 
-def _fit(cfg: SweepConfig, tuner, parent, address) -> SweepResult:
+def _fit(cfg: SweepConfig, make_tuner, address) -> SweepResult:
+    """Fit the tuner ``make_tuner()`` builds (once Ray is up: the tracker goes to its object store)."""
     import ray
 
     t0 = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    results = tuner.fit()
+    results = make_tuner().fit()
     iterations = int(cfg.train.get("iterations", 2000))
     trials = []
     for r in results:
@@ -273,14 +273,7 @@ def _fit(cfg: SweepConfig, tuner, parent, address) -> SweepResult:
             "min_val_per_energy": cfg.min_val_per_energy}
     out = Path(cfg.out_dir)
     (out / "best.json").write_text(json.dumps(best, indent=1))
-    seconds = time.perf_counter() - t0
-    if parent is not None:
-        parent.log_metrics({f"best_{cfg.metric}": best["value"], "trials": len(trials),
-                            "stopped_early": stopped, "seconds": seconds}, iterations)
-        parent.set_tags({"best_trial": best["trial"], "best_params": _trial_label(best["overrides"])})
-        parent.log_artifact(out / "best.json")
-        parent.finish()
-    return SweepResult(best, trials, stopped, seconds, str(out))
+    return SweepResult(best, trials, stopped, time.perf_counter() - t0, str(out))
 
 
 def load_best(path) -> dict:

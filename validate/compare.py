@@ -1,7 +1,7 @@
 """Per-energy comparison of generated showers with reference showers (the quality table).
 
 For each incident-energy point: χ²/ndf and separation power of E_tot/E_inc (the binning of
-``trainers.metrics``), and the largest relative difference of the mean longitudinal and radial
+``validate.metrics``), and the largest relative difference of the mean longitudinal and radial
 profiles over the bins that hold 90% of the reference's energy.
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from showers.calibrate import core_bins
 from showers.observables import energy_per_layer, energy_per_radial_bin
-from trainers.metrics import etot_chi2
+from validate.metrics import etot_chi2
 
 __all__ = ["compare_per_energy", "profile_differences"]
 

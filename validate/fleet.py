@@ -1,11 +1,10 @@
-"""Fleet-level validation: every region's registered champion against that region's reference
-showers, one report per region, and one table of all regions that says which fail a threshold.
+"""Fleet-level validation: one table of all regions (each with its report, ``validate.report``)
+that says which fail a threshold.
 
-:func:`validate_fleet` pulls ``CAMPAIGN.FAMILY.REGION@champion`` for every ``REGION.h5`` of a
-reference folder (held-out showers, e.g. a campaign simulated with another seed), generates showers
-at the reference's incident energies, writes ``OUT/REGION/`` (``validate.report``) and the summary
-``OUT/summary.md`` and ``OUT/summary.csv``. :func:`summarise` rebuilds the summary from the region
-folders alone.
+:func:`write_summary` writes the table, ``OUT/summary.md`` and ``OUT/summary.csv``, from one row of
+headline figures per region; :func:`summarise` rebuilds it from the region folders ``OUT/REGION/``
+alone. ``calozoo.fleet_validation.validate_fleet`` fills those folders from every region's registered
+champion.
 
 Thresholds are conditions a region must meet, ``METRIC<=VALUE`` or ``METRIC>=VALUE`` on the report's
 headline figures (``validate.report.headline``); a region without a champion, or whose validation
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from validate.report import ValidateConfig, headline, read_sample, validate_samples
+from validate.report import headline
 
-__all__ = ["DEFAULT_THRESHOLDS", "parse_threshold", "summarise", "validate_fleet", "write_summary"]
+__all__ = ["DEFAULT_THRESHOLDS", "parse_threshold", "summarise", "write_summary"]
 
 #: what a region must meet by default: E_tot/E_inc and the mean profiles close to the reference.
 DEFAULT_THRESHOLDS = ("max_sep_power_etot_per_energy<=0.3", "max_long_rel<=0.3", "max_rad_rel<=0.2")
@@ -93,39 +92,3 @@ def summarise(out_dir, thresholds=DEFAULT_THRESHOLDS) -> list[dict]:
     if not rows:
         raise FileNotFoundError(f"{out_dir}: no <region>/metrics.json")
     return write_summary(rows, out_dir, thresholds)
-
-
-def validate_fleet(campaign: str, family: str, reference_dir, out_dir, *, regions=None, alias: str = "champion",
-                   cfg: ValidateConfig | None = None, thresholds=DEFAULT_THRESHOLDS, uri: str | None = None,
-                   offline: bool = False, seed: int = 0, progress=None) -> list[dict]:
-    """Validate every region's ``CAMPAIGN.FAMILY.REGION@alias`` against ``reference_dir/REGION.h5``.
-
-    regions: globs selecting regions (default: every file of ``reference_dir``).
-    Returns the summary rows (:func:`write_summary`).
-    """
-    from registry.publish import registered_name
-    from registry.pull import RegistryError, pull
-    from trainers.fleet import list_regions
-
-    for text in thresholds:
-        parse_threshold(text)
-    cfg = cfg or ValidateConfig(classifier="none", per_layer=False)
-    out = Path(out_dir)
-    rows = []
-    names = list_regions(reference_dir, regions)
-    for i, region in enumerate(names):
-        name = registered_name(campaign, family, region)
-        if progress:
-            progress(f"[{i + 1}/{len(names)}] {name}@{alias}")
-        try:
-            gen = pull(f"{name}@{alias}", uri=uri, offline=offline)
-            e, ref, readout = read_sample(Path(reference_dir) / f"{region}.h5", max_showers=cfg.max_showers)
-            showers = gen.generate(e, seed=seed, allow_extrapolation=True)
-            if showers.shape[1] != readout.n_voxels:
-                raise ValueError(f"{name} has {showers.shape[1]} voxels, the reference {readout.n_voxels}")
-            m = validate_samples(e, showers, e, ref, readout, out / region, cfg, title=f"{name} v{gen.version}",
-                                 names=(f"{name}@{alias} (v{gen.version})", f"{region}.h5"))
-            rows.append({"region": region, "model": m["generated"], **m["headline"]})
-        except (RegistryError, ValueError, OSError) as exc:
-            rows.append({"region": region, "model": name, "error": str(exc).splitlines()[0]})
-    return write_summary(rows, out, thresholds)

@@ -13,7 +13,7 @@ write to ``out_dir``:
   energy, with ratio panels (``validate.plots.plot_comparison``);
 - ``features_*.png``: the histograms of every feature (``validate.plots.plot_features``).
 
-:func:`log_report` puts the report into MLflow (metrics, and the folder as artifacts).
+``calozoo.tracked.log_report`` puts a report folder into MLflow (this package tracks nothing).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from showers import __version__
+from showers.calibrate import core_bins
+from showers.errors import ShowerDataError
 from showers.formats import iter_calochallenge, open_h5
 from showers.plots import energy_groups, resolve_readout
 from showers.readout import Readout
@@ -38,8 +41,9 @@ from validate.classifier import (
 from validate.compare import compare_per_energy
 from validate.distances import fpd, kpd
 from validate.features import compare_features, feature_matrix, high_level_features
+from validate.plots import plot_comparison, plot_features
 
-__all__ = ["ValidateConfig", "headline", "log_report", "read_sample", "validate_files", "validate_samples"]
+__all__ = ["ValidateConfig", "headline", "read_sample", "validate_files", "validate_samples"]
 
 
 @dataclass
@@ -89,8 +93,6 @@ def read_sample(path, readout=None, max_showers: int = 50_000, *,
     data_checks: also the checks meant for data (units, negative energies, E_tot/E_inc < 2); a
         generated file, which a poor model may fill with ten times the incident energy, is only
         checked for non-finite values."""
-    from showers.errors import ShowerDataError
-
     path = Path(path)
     with open_h5(path) as f:
         if "showers" not in f or f["showers"].ndim != 2:
@@ -116,8 +118,6 @@ def read_sample(path, readout=None, max_showers: int = 50_000, *,
 def _layers_to_draw(e_layer_ref: np.ndarray, n: int) -> set[int]:
     """At most ``n`` layers, evenly spread over those holding 90 % of the reference's energy (the
     metrics cover every layer; drawing 45 layers × 6 features would be unreadable and slow)."""
-    from showers.calibrate import core_bins
-
     core = core_bins(e_layer_ref.mean(0), 0.9)
     return {int(core[i]) for i in np.unique(np.linspace(0, len(core) - 1, min(n, len(core))).round().astype(int))}
 
@@ -216,8 +216,6 @@ def validate_samples(gen_e, gen_x, ref_e, ref_x, readout: Readout, out_dir, cfg:
     """Compare generated showers ``gen_x`` (N, n_voxels) MeV at ``gen_e`` (N,) MeV with reference
     showers; write the report into ``out_dir`` and return its metrics (see the module docstring).
     ``progress(text)`` is called before each step."""
-    from calozoo import __version__
-
     cfg = cfg or ValidateConfig()
     say = progress or (lambda text: None)
     t0 = time.perf_counter()
@@ -253,8 +251,6 @@ def validate_samples(gen_e, gen_x, ref_e, ref_x, readout: Readout, out_dir, cfg:
         say("classifier on high-level features")
         metrics["classifier"]["high"] = classifier_auc(hl_gen, hl_ref, ccfg)
     if cfg.plots:
-        from validate.plots import plot_comparison, plot_features
-
         say("plots")
         per_e = "\n".join(["E [GeV]   sep.power  chi2/ndf  dlong   drad"] +
                           [f"{r['energy_gev']:<9.4g} {r['sep_power']:9.3f} {r['chi2_ndf']:9.2f} "
@@ -294,29 +290,3 @@ def validate_files(generated, reference, out_dir, cfg: ValidateConfig | None = N
     title = f"{Path(generated).name} vs {Path(reference).name}"
     return validate_samples(gen_e, gen_x, ref_e, ref_x, ref_ro, out_dir, cfg, title=title,
                             names=(str(generated), str(reference)), progress=progress)
-
-
-def log_report(out_dir, *, run_id: str | None = None, experiment: str = "calozoo-validation",
-               run_name: str | None = None, uri: str | None = None) -> str:
-    """Log a report folder to MLflow: its headline figures as metrics (prefixed ``val_``), the
-    folder as artifacts under ``validation/``. Into ``run_id`` if given (e.g. the model's training
-    run), else a new run of ``experiment``. Returns the run id."""
-    import mlflow
-
-    from registry.tracking import get_client, get_experiment_id, quick_http
-
-    out = Path(out_dir)
-    metrics = json.loads((out / "metrics.json").read_text())
-    with quick_http(retries=1, timeout=30):  # an unreachable server fails in seconds, not minutes
-        client = get_client(uri)
-        new = run_id is None
-        if new:
-            run_id = client.create_run(get_experiment_id(client, experiment), run_name=run_name or out.name).info.run_id
-        ts = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"val_{k}", v, ts, 0)
-                                          for k, v in metrics["headline"].items() if math.isfinite(v)])
-        client.set_tag(run_id, "validation_reference", metrics["reference"])
-        client.log_artifacts(run_id, str(out), "validation")
-        if new:
-            client.set_terminated(run_id)
-    return run_id

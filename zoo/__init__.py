@@ -7,8 +7,8 @@ Each family is one file (``par04_vae.py``, ``fastcalogan.py``, ``fast_ar.py``); 
 function registered with ``@register_model``. ``zoo.base`` defines the interface.
 """
 
-from zoo._registry import create_model, list_models, model_entrypoint, register_model
+from zoo._registry import create_model, create_model_for, list_models, model_entrypoint, register_model
 from zoo.base import ModelConfig, ShowerModel, model_from_checkpoint
 
-__all__ = ["ModelConfig", "ShowerModel", "create_model", "list_models", "model_entrypoint",
+__all__ = ["ModelConfig", "ShowerModel", "create_model", "create_model_for", "list_models", "model_entrypoint",
            "model_from_checkpoint", "register_model"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["register_model", "create_model", "list_models", "model_entrypoint"]
+__all__ = ["register_model", "create_model", "create_model_for", "list_models", "model_entrypoint"]
 
 _ENTRYPOINTS: dict[str, Callable] = {}
 
@@ -39,6 +39,14 @@ def model_entrypoint(name: str) -> Callable:
 def create_model(name: str, **overrides):
     """Build the variant ``name``; keyword arguments override fields of its config."""
     return model_entrypoint(name)(**overrides)
+
+
+def create_model_for(name: str, readout, **overrides):
+    """The variant ``name`` for showers of ``readout`` (a ``showers.readout.Readout``): the one place
+    that decides which model trains on which data, for the CLI, sweeps, fleets and the demo. The
+    variant keeps its architecture and takes the data's readout (a region's voxel count sets its
+    widths); a ``readout`` among the overrides wins."""
+    return create_model(name, **{"readout": readout.to_dict(), **overrides})
 
 
 def _import_families() -> None:

@@ -5,6 +5,10 @@ What the trainers, the exporter and the registry rely on, and nothing more:
 - ``kind``: ``"likelihood"`` (trained by minimising ``losses(batch)["loss"]``: VAE, AR, flows) or
   ``"adversarial"`` (``critic_loss(batch)`` and ``generator_loss(batch)`` over
   ``critic_parameters()`` and ``generator_parameters()``: the GAN);
+- ``training_noise(step, batch_size)``: the random numbers a loss needs, which the trainer draws and
+  passes in the batch. A loss is a pure function of (weights, buffers, batch), which is what lets
+  ``trainers.bank`` stack K instances of the model with ``torch.func.vmap`` and give each model its
+  own random stream;
 - ``noise_dim`` and ``generate(noise, conditions)``: the *inference graph*, (noise (N, noise_dim),
   encoded conditions (N, n_cond)) → voxel energies in MeV (N, n_voxels), inverse preprocessing
   included, pure torch ops so that it exports to ONNX complete on its own;
@@ -13,7 +17,12 @@ What the trainers, the exporter and the registry rely on, and nothing more:
   the transform spec, so that a checkpoint or an exported model rebuilds the model alone.
 
 A batch is a dict of tensors: ``showers`` (B, n_voxels) MeV, ``energy`` (B,) MeV and
-``conditions`` (B, n_cond), the encoded conditions.
+``conditions`` (B, n_cond), the encoded conditions, plus one tensor per entry of ``training_noise``.
+
+What a loss may not do, so that it runs under ``vmap``: draw random numbers itself (they come in the
+batch), call ``torch.autograd.grad`` (use ``torch.func.grad``/``vjp``, which nest), branch in Python
+on a tensor's value, or create tensors from ``self.device`` (under the bank the module's own
+parameters live on the meta device; derive new tensors from the inputs).
 """
 
 from __future__ import annotations
@@ -30,8 +39,11 @@ from torch import nn
 from showers.readout import Readout, get_readout
 from showers.transforms import ConditionSpec, build_transform, encode_conditions
 
-__all__ = ["ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class", "model_from_checkpoint",
-           "normal_cdf"]
+__all__ = ["NOISE_KINDS", "ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class",
+           "model_from_checkpoint", "normal_cdf"]
+
+#: how a training noise tensor is drawn: standard normal, or uniform on [0, 1)
+NOISE_KINDS = ("normal", "uniform")
 
 
 @dataclass
@@ -157,6 +169,21 @@ class ShowerModel(nn.Module):
     def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """The inference graph: (noise (N, noise_dim), conditions (N, n_cond)) → MeV (N, n_voxels)."""
         raise NotImplementedError
+
+    def training_noise(self, step: str, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The random numbers the loss of ``step`` reads from its batch: {name: (shape, kind)}, kind in
+        NOISE_KINDS. step: "loss" (likelihood models), "critic" or "generator" (adversarial models)."""
+        return {}
+
+    def draw_training_noise(self, step: str, batch_size: int, generator: torch.Generator | None = None,
+                            device=None) -> dict[str, torch.Tensor]:
+        """The tensors of ``training_noise``, drawn from ``generator`` (on ``device``, default the model's)."""
+        device = self.device if device is None else device
+        out = {}
+        for name, (shape, kind) in self.training_noise(step, batch_size).items():
+            draw = torch.randn if kind == "normal" else torch.rand
+            out[name] = draw(*shape, generator=generator, device=device)
+        return out
 
     def losses(self, batch: dict) -> dict:
         """Likelihood models: {"loss": scalar to minimise, ...components for logging}."""

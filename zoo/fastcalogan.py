@@ -24,15 +24,11 @@ Output activation: ReLU on E/E_inc (``output="relu"``, the default). Why ReLU an
   would have to push weights without bound to leave a voxel empty, and never quite does;
 - voxel fractions are small (a 368-voxel region averages ~3e-3 of E_inc per voxel): the sigmoid's
   bound of 1 never binds and its flat tail near 0 is where the gradients would vanish;
-- ReLU keeps G a plain Linear/ReLU stack (no extra nonlinearity to carry into a bank).
 ``output="sigmoid"`` (each voxel in (0, 1) of E_inc) and ``output="none"`` (for a transform whose model
 space is not non-negative, e.g. a log) are available; ``generate`` clamps at 0 MeV in any case.
 
-Banks. Both networks are ``nn.ModuleList``s of ``nn.Linear`` with the activation applied in
-``forward`` (state-dict keys ``generator.layers.{i}.weight`` / ``critic.layers.{i}.weight``), so K
-regions' weights can be stacked along a leading axis later (torch.baddbmm). The critic takes
-``[conditions | voxels]`` with the conditions *first* so that regions of different N pad their
-voxels, and the matching weight columns, at the end.
+The critic takes ``[conditions | voxels]``; its gradient penalty is taken with ``torch.func.grad``
+so that K critics train stacked under ``vmap`` (``trainers.bank``).
 """
 
 from __future__ import annotations
@@ -178,54 +174,56 @@ class FastCaloGAN(ShowerModel):
         return self.critic(torch.cat([conditions, x], dim=1)).squeeze(1)
 
     def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor, conditions: torch.Tensor,
-                         eps: torch.Tensor | None = None) -> torch.Tensor:
-        """Gulrajani et al.'s penalty: mean over the batch of (||dD/dx||_2 - 1)^2 at x = eps real + (1-eps) fake.
+                         mix: torch.Tensor) -> torch.Tensor:
+        """Gulrajani et al.'s penalty: mean over the batch of (||dD/dx||_2 - 1)^2 at x = mix real + (1-mix) fake.
 
-        real, fake: model-space showers (B, n_voxels); conditions (B, n_cond); eps (B,) in [0, 1]
-        (uniform random when None). The gradient is taken with respect to the voxels only: the
-        conditions are given, not generated, so the critic need not be 1-Lipschitz in them.
-        The graph is kept (create_graph=True) so that the penalty itself can be back-propagated.
+        real, fake: model-space showers (B, n_voxels); conditions (B, n_cond); mix (B,) uniform in
+        [0, 1]. The gradient is taken with respect to the voxels only: the conditions are given, not
+        generated, so the critic need not be 1-Lipschitz in them. ``torch.func.grad`` (not
+        ``torch.autograd.grad``) so that it nests under vmap; back-propagating the penalty through it
+        gives the second-order gradient in the critic's weights.
         """
-        if eps is None:
-            eps = torch.rand(real.shape[0], device=real.device, dtype=real.dtype)
-        eps = eps.reshape(-1, 1)
-        x = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        score = self.critic_forward(x, conditions)
-        (grad,) = torch.autograd.grad(score.sum(), x, create_graph=True)
+        x = mix.reshape(-1, 1) * real + (1 - mix.reshape(-1, 1)) * fake
+        grad = torch.func.grad(lambda v: self.critic_forward(v, conditions).sum())(x)
         return ((grad.norm(2, dim=1) - 1) ** 2).mean()
 
     # -- the adversarial interface -----------------------------------------------------------------
-    def _draw_latent(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(n, self.noise_dim, device=like.device, dtype=like.dtype)
+    def training_noise(self, step: str, batch_size: int) -> dict:
+        """``latent`` (B, latent_dim) normal for G; the critic step also ``gp_mix`` (B,) uniform."""
+        noise = {"latent": ((batch_size, self.config.latent_dim), "normal")}
+        if step == "critic":
+            noise["gp_mix"] = ((batch_size,), "uniform")
+        return noise
 
     def critic_loss(self, batch: dict) -> dict:
         """WGAN-GP critic loss: E[D(fake)] - E[D(real)] + gp_lambda * penalty.
 
-        batch: ``showers`` (B, n_voxels) MeV, ``energy`` (B,) MeV, ``conditions`` (B, n_cond).
-        The fakes are drawn without a graph, so this loss reaches the critic's parameters only.
-        Returns ``loss`` and, detached for logging, ``wasserstein`` (E[D(real)] - E[D(fake)], the
-        critic's estimate of the Wasserstein-1 distance), ``gp``, ``d_real``, ``d_fake``.
+        batch: ``showers`` (B, n_voxels) MeV, ``energy`` (B,) MeV, ``conditions`` (B, n_cond), ``latent``
+        and ``gp_mix`` (``training_noise``). The fakes are made without a graph, so this loss reaches
+        the critic's parameters only. Returns ``loss`` and, detached for logging, ``wasserstein``
+        (E[D(real)] - E[D(fake)], the critic's estimate of the Wasserstein-1 distance), ``gp``,
+        ``d_real``, ``d_fake``.
         """
         cond = batch["conditions"]
         real = self.preprocess(batch["showers"], batch["energy"]).to(cond.dtype)
         with torch.no_grad():  # the critic step must not build (or pay for) G's graph
-            fake = self.generator_forward(self._draw_latent(real.shape[0], cond), cond)
-        d_real = self.critic_forward(real, cond).mean()
-        d_fake = self.critic_forward(fake, cond).mean()
-        gp = self.gradient_penalty(real, fake, cond)
+            fake = self.generator_forward(batch["latent"], cond)
+        # real and fake through the critic in one pass (half the launches of two)
+        scores = self.critic_forward(torch.cat([real, fake]), torch.cat([cond, cond]))
+        d_real, d_fake = scores[: real.shape[0]].mean(), scores[real.shape[0]:].mean()
+        gp = self.gradient_penalty(real, fake, cond, batch["gp_mix"])
         loss = d_fake - d_real + self.config.gp_lambda * gp
         return {"loss": loss, "wasserstein": (d_real - d_fake).detach(), "gp": gp.detach(),
                 "d_real": d_real.detach(), "d_fake": d_fake.detach()}
 
     def generator_loss(self, batch: dict) -> dict:
-        """WGAN generator loss: -E[D(G(z, c))] over fresh noise z for the batch's conditions.
+        """WGAN generator loss: -E[D(G(z, c))] for the batch's conditions and ``latent`` z.
 
-        Only ``conditions`` (B, n_cond) is read. Back-propagating also fills the critic's .grad;
-        the trainer's critic optimiser zeroes them before its next step.
+        Back-propagating also fills the critic's gradients; the trainer zeroes them before its next
+        critic step.
         """
         cond = batch["conditions"]
-        fake = self.generator_forward(self._draw_latent(cond.shape[0], cond), cond)
-        d_fake = self.critic_forward(fake, cond).mean()
+        d_fake = self.critic_forward(self.generator_forward(batch["latent"], cond), cond).mean()
         return {"loss": -d_fake, "d_fake": d_fake.detach()}
 
     def critic_parameters(self):

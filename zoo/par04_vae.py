@@ -26,25 +26,18 @@ together so that the shower keeps its total, the decoder's or the response table
 spots would add a spread of √(2ε/E) to E_tot/E_inc: 4.5 % at 1 GeV, where Geant4's is 1.3 %). Two
 more standard normals per voxel are appended to the noise (noise_dim = latent_dim + 2 n_voxels: the
 hit draw through the normal CDF, then the log-normal's), which keeps the exported graph a pure function of (noise,
-conditions). ε = 1 MeV reproduces the fraction of non-empty voxels of the Geant4 PbWO4 file at every
-energy from 1 to 256 GeV (8 % to 91 %) within 0.03. On the held-out Geant4 split, a par04_vae_pbwo4
-trained for 8000 iterations went from a low-level classifier AUC of 0.971 to 0.948, a high-level one
-of 1.000 to 0.984, and an FPD of 6.06 to 1.45 (``benchmarks/g4_quality.py``, validation reports).
+conditions). ε = 1 MeV is the value that reproduces the fraction of non-empty voxels of the Geant4
+PbWO4 file (what it adds to the model's quality is measured in the README, "Benchmarks").
 
-Total energy (``response_quantiles`` = K > 0; calozoo's addition, off in Par04's variants). The sum of
-6480 sigmoids is a poor model of E_grid/E_inc, whose spread in PbWO4 is about 1 %: trained on the
-Geant4 file, the decoder's response was off by up to 2.7 % (4 GeV), separation powers of E_tot/E_inc
-of 0.3-0.8 at most energies. With K set, the model keeps the training data's quantile function of
-E_grid/E_inc (K levels) at each point of a fixed grid of energies (powers of 2 from 1/4 GeV to 2 TeV;
-a training shower counts at the nearest point in log E; points without data are interpolated, and
-held constant beyond the data), fitted by ``fit_data`` before training and kept in buffers; a
-shower's total is drawn from it by the inverse CDF (one more noise column, interpolated linearly in
-log2 E between grid points) and the decoder's voxels, fluctuated or not, are scaled to it. The
-decoder then models the shape alone, as CaloFlow's separate energy model does for the layer energies.
-On the held-out Geant4 split (8000 iterations, with the voxel fluctuations) the separation power of
-E_tot/E_inc went from 0.21-0.85 per energy to 0.09-0.15, next to Geant4's own floor of 0.07-0.16.
-With both additions, 30000 iterations (12 minutes on one CPU thread) reach a low-level classifier
-AUC of 0.82 against that split (README, "Benchmarks").
+Total energy (``response_quantiles`` = K > 0; calozoo's addition, off in Par04's variants). The sum
+of thousands of sigmoids is a poor model of E_grid/E_inc, whose spread in PbWO4 is about 1 %. With K
+set, the model keeps the training data's quantile function of E_grid/E_inc (K levels) at each point
+of a fixed grid of energies (powers of 2 from 1/4 GeV to 2 TeV; a training shower counts at the
+nearest point in log E; points without data are interpolated, and held constant beyond the data),
+fitted by ``fit_data`` before training and kept in buffers; a shower's total is drawn from it by the
+inverse CDF (one more noise column, interpolated linearly in log2 E between grid points) and the
+decoder's voxels, fluctuated or not, are scaled to it. The decoder then models the shape alone, as
+CaloFlow's separate energy model does for the layer energies.
 
 Departures from the Keras original, on purpose: PyTorch's default (Kaiming-uniform) initialisation
 instead of Keras ``RandomNormal(stddev=0.05)``; the BCE is computed from the decoder's logits
@@ -274,17 +267,21 @@ class Par04VAE(ShowerModel):
         value = mean / p * torch.exp(torch.sqrt(s2) * noise[:, n:] - 0.5 * s2)
         return torch.where(hit, value, torch.zeros_like(value))
 
+    def training_noise(self, step: str, batch_size: int) -> dict:
+        """The reparameterisation noise: ``latent`` (B, latent_dim) standard normal."""
+        return {"latent": ((batch_size, self.config.latent_dim), "normal")}
+
     def losses(self, batch: dict) -> dict:
         """{"loss", "reconstruction", "kl"}: per-shower sums over voxels / latent dims, batch means.
 
-        Draws the reparameterisation noise with the global torch RNG (one ``randn`` of (B, latent_dim)).
+        batch: ``showers``, ``energy``, ``conditions`` and ``latent`` (B, latent_dim) ~ N(0, 1).
         """
         # Fractions of the incident energy; a voxel above E_inc (never, physically) would leave the
         # domain of the BCE, hence the clamp.
         x = self.preprocess(batch["showers"], batch["energy"]).clamp(0.0, 1.0)
         cond = batch["conditions"]
         mu, logvar = self.encode(x, cond)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * batch["latent"]
         logits = self.decode_logits(z, cond)
         # Keras' mean BCE over voxels × ORIGINAL_DIM = the sum over voxels
         reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
