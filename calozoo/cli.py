@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -187,22 +188,96 @@ def _overrides(pairs) -> dict:
     return out
 
 
+def _options(*decorators):
+    def apply(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+    return apply
+
+
+def _training_options(device: bool):
+    """The options of ``trainers.loop.TrainConfig``, handed to the command as ``train``; with
+    ``device``, also --device and --threads (a fleet's workers and a sweep's trials get theirs from Ray)."""
+    opts = [
+        click.option("--iterations", default=2000, show_default=True, help="Training iterations per model."),
+        click.option("--checkpoint-every", default=500, show_default=True,
+                     help="Checkpoint (and validate) every N iterations; at most 5 checkpoints are kept."),
+        click.option("--incremental-every", type=int, default=None,
+                     help="FastCaloGAN's schedule: start at 32 GeV, add an energy point every M iterations."),
+        click.option("--seed", default=0, show_default=True, help="Seeds the weights, the data split and the batches."),
+        click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA."),
+    ]
+    if device:
+        opts += [click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
+                 click.option("--threads", type=int, default=None,
+                              help="torch threads (default: the CPUs this process may use).")]
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, iterations, checkpoint_every, incremental_every, seed, bf16, **kw):
+            from trainers.loop import TrainConfig, set_threads
+
+            extra = {}
+            if device:
+                extra["device"] = kw.pop("device")
+                try:
+                    set_threads(kw.pop("threads"))
+                except ValueError as exc:
+                    raise click.BadParameter(str(exc), param_hint="--threads") from None
+            try:
+                train = TrainConfig(iterations=iterations, checkpoint_every=checkpoint_every, seed=seed, bf16=bf16,
+                                    incremental_every=incremental_every, **extra)
+            except ValueError as exc:
+                _fail(exc)
+            return fn(*args, train=train, **kw)
+
+        return _options(*opts)(wrapper)
+
+    return decorate
+
+
+def _split_options(fn):
+    """--val-fraction and --min-val-per-energy, handed over as ``split`` (``trainers.data.DataSplit``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, val_fraction, min_val_per_energy, **kw):
+        from trainers.data import DataSplit
+
+        try:
+            split = DataSplit(val_fraction, min_val_per_energy)
+        except ValueError as exc:
+            _fail(exc)
+        return fn(*args, split=split, **kw)
+
+    return _options(
+        click.option("--val-fraction", default=0.2, show_default=True,
+                     help="Held out for validation (best epoch) per energy point."),
+        click.option("--min-val-per-energy", default=100, show_default=True,
+                     help="At least this many held out per energy point."))(wrapper)
+
+
+def _model_options(fn):
+    """--config (a sweep's best.json) and --set KEY=VALUE, handed over as the model's ``overrides``."""
+    @functools.wraps(fn)
+    def wrapper(*args, config_path, sets, **kw):
+        return fn(*args, overrides={**_config_overrides(config_path, kw["model_name"]), **_overrides(sets)}, **kw)
+
+    return _options(
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override a model config field (repeatable)."),
+        click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="A sweep's best.json: its model config overrides (then --set on top)."))(wrapper)
+
+
 @main.command()
 @click.argument("model_name", metavar="MODEL")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="CaloChallenge HDF5 file, or a folder of them (same readout).")
 @click.option("--readout", default=None, help="Readout of the data if the file does not record one.")
 @click.option("-o", "--out", "out_dir", default=None, help="Run folder (default: out/train/MODEL).")
-@click.option("--iterations", default=2000, show_default=True)
-@click.option("--checkpoint-every", default=500, show_default=True)
-@click.option("--val-fraction", default=0.2, show_default=True, help="Held out per energy point.")
-@click.option("--min-val-per-energy", default=100, show_default=True)
-@click.option("--incremental-every", type=int, default=None,
-              help="FastCaloGAN's schedule: start at 32 GeV, add an energy point every M iterations.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
+@_training_options(device=True)
+@_split_options
+@_model_options
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if the run folder has checkpoints.")
 @click.option("--campaign", default=None, help="MLflow experiment and registry prefix (default: the data's "
               "'campaign' or 'detector' attribute, else the file name).")
@@ -211,50 +286,34 @@ def _overrides(pairs) -> dict:
               help="Track the run in MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).")
 @click.option("--register", "do_register", is_flag=True,
               help="Then select the best checkpoint, export it to ONNX, gate and register it (see `calozoo register`).")
-@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="A sweep's best.json: its model config overrides (then --set on top).")
-def train(model_name, data_path, readout, out_dir, iterations, checkpoint_every, val_fraction, min_val_per_energy,
-          incremental_every, seed, device, bf16, sets, no_resume, campaign, region, use_mlflow, do_register,
-          config_path) -> None:
+def train(model_name, data_path, readout, out_dir, train, split, overrides, no_resume, campaign, region, use_mlflow,
+          do_register) -> None:
     """Train one model on showers; resumes from the run folder's latest checkpoint."""
     import torch
 
+    from calozoo.tracked import run_labels, train_tracked
     from showers.errors import ShowerDataError
-    from showers.formats import file_attrs
-    from trainers.data import load_showers, split_validation
-    from trainers.loop import TrainConfig
+    from trainers.data import load_showers
     from trainers.loop import train as run_training
-    from zoo import create_model
+    from zoo import create_model_for
 
     if do_register and not use_mlflow:
         raise click.UsageError("--register needs MLflow tracking (drop --no-mlflow)")
-
+    out = Path(out_dir or f"out/train/{model_name}")
     try:
         data = load_showers(data_path, readout=readout)
-        torch.manual_seed(seed)
-        overrides = {**_config_overrides(config_path, model_name), **_overrides(sets)}
-        model = create_model(model_name, **overrides)
-        if model.readout != data.readout and "readout" not in overrides:
-            torch.manual_seed(seed)
-            model = create_model(model_name, readout=data.readout.to_dict(), **overrides)
-        tr, va = split_validation(data, val_fraction, min_val_per_energy, seed=seed)
-        cfg = TrainConfig(iterations=iterations, checkpoint_every=checkpoint_every, seed=seed, device=device,
-                          bf16=bf16, incremental_every=incremental_every)
-        out = Path(out_dir or f"out/train/{model_name}")
+        torch.manual_seed(train.seed)
+        model = create_model_for(model_name, data.readout, **overrides)
+        tr, va = split(data, seed=train.seed)
         click.echo(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                    f"{len(tr)} training and {len(va)} validation showers ({data.readout.name}) -> {out}")
         if use_mlflow:
-            from calozoo.tracked import train_tracked
-
-            first = Path(data_path) if Path(data_path).is_file() else sorted(Path(data_path).glob("*.h5"))[0]
-            attrs = file_attrs(first)
-            campaign = campaign or str(attrs.get("campaign") or attrs.get("detector") or first.stem)
-            region = region or str(attrs.get("region") or "all")
-            result, run = train_tracked(model, tr, va, cfg, out, campaign=campaign, region=region,
+            campaign, region = run_labels(data_path, campaign, region)
+            result, run = train_tracked(model, tr, va, train, out, campaign=campaign, region=region,
                                         resume=not no_resume)
         else:
-            result, run = run_training(model, tr, va, cfg, out, resume=not no_resume), None
-    except (ShowerDataError, KeyError, ValueError, FloatingPointError) as exc:
+            result, run = run_training(model, tr, va, train, out, resume=not no_resume), None
+    except (ShowerDataError, KeyError, TypeError, ValueError, FloatingPointError) as exc:
         _fail(exc)
     best = result.best
     click.echo(f"done in {result.seconds:.0f} s; best checkpoint: iteration {best['iteration']} "
@@ -402,53 +461,51 @@ def models(pattern) -> None:
 @click.option("--regions", "patterns", multiple=True, help="Region name or glob (repeatable; default: all).")
 @click.option("-o", "--out", "out_dir", default=None, help="Fleet folder on shared storage (default: out/fleet/MODEL).")
 @click.option("--workers", default=2, show_default=True, help="Ray Train workers (one GPU each with --gpu).")
+@click.option("--cpus-per-worker", default=1, show_default=True, help="CPUs (and torch threads) of a CPU worker.")
 @click.option("--gpu", is_flag=True, help="One GPU per worker.")
 @click.option("--address", default=None, help="Ray cluster address (default: a local Ray, or RAY_ADDRESS).")
-@click.option("--iterations", default=2000, show_default=True)
-@click.option("--checkpoint-every", default=500, show_default=True)
-@click.option("--incremental-every", type=int, default=None, help="FastCaloGAN's incremental schedule.")
-@click.option("--bank-size", default=64, show_default=True, help="At most this many regions per bank.")
-@click.option("--min-val-per-energy", default=100, show_default=True)
-@click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA.")
 @click.option("--max-failures", default=3, show_default=True, help="Worker failures to recover from.")
-@click.option("--campaign", default=None, help="MLflow experiment (default: the data folder's name).")
-@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
-@click.option("--register", "do_register", is_flag=True, help="Then register every region's best checkpoint.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model config field (repeatable).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--plots/--no-plots", default=True, show_default=True, help="A validation plot per region.")
+@_training_options(device=False)
+@_split_options
+@_model_options
+@click.option("--bank-size", default=64, show_default=True,
+              help="At most this many regions of one voxel count per bank (on a CPU, fewer for big regions).")
 @click.option("--init", "init_checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Start every region from this checkpoint (a Reptile meta-initialisation): a meta-adapted fleet.")
-@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="A sweep's best.json: its model config overrides (then --set on top).")
-def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterations, checkpoint_every,
-          incremental_every, bank_size, min_val_per_energy, bf16, max_failures, campaign, use_mlflow, do_register, sets,
-          seed, plots, init_checkpoint, config_path) -> None:
-    """Train one MODEL per detector region on Ray Train workers, as weight-stacked banks."""
+@click.option("--campaign", default=None, help="MLflow experiment (default: the data folder's name).")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="A validation plot per region.")
+@click.option("--register", "do_register", is_flag=True, help="Then register every region's best checkpoint.")
+def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu, address, max_failures, train, split,
+          overrides, bank_size, init_checkpoint, campaign, use_mlflow, plots, do_register) -> None:
+    """Train one MODEL per detector region on Ray Train workers, as banks of stacked models."""
+    import dataclasses
+
     from calozoo.tracked import run_tracked_fleet
-    from trainers.fleet import FleetConfig, list_regions, run_fleet
+    from showers.campaign import list_regions
+    from showers.errors import ShowerDataError
+    from trainers.fleet import FleetConfig, check_config, run_fleet
 
     try:
-        regions = list_regions(data_dir, patterns or None)
-    except (FileNotFoundError, ValueError) as exc:
+        cfg = FleetConfig(model=model_name, data_dir=data_dir, out_dir=out_dir or f"out/fleet/{model_name}",
+                          regions=list_regions(data_dir, patterns or None), bank_size=bank_size, overrides=overrides,
+                          init_checkpoint=str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
+                          train=dataclasses.replace(train, progress=False), split=split)
+        check_config(cfg)  # in seconds, before any Ray worker starts
+    except (ShowerDataError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         _fail(exc)
-    cfg = FleetConfig(model=model_name, data_dir=data_dir, out_dir=out_dir or f"out/fleet/{model_name}",
-                      regions=regions, bank_size=bank_size, min_val_per_energy=min_val_per_energy, seed=seed,
-                      overrides={**_config_overrides(config_path, model_name), **_overrides(sets)},
-                      init_checkpoint=str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
-                      train={"iterations": iterations, "checkpoint_every": checkpoint_every, "seed": seed,
-                             "incremental_every": incremental_every, "bf16": bf16, "progress": False})
-    click.echo(f"fleet of {len(regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")
+    click.echo(f"fleet of {len(cfg.regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")
+    run = dict(num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
+               threads_per_worker=cpus_per_worker)
     if use_mlflow:
-        summary, _ = run_tracked_fleet(cfg, campaign=campaign or Path(data_dir).resolve().name, plots=plots,
-                                       num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures)
+        summary, _ = run_tracked_fleet(cfg, campaign=campaign or Path(data_dir).resolve().name, plots=plots, **run)
     else:
-        summary = run_fleet(cfg, num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures)
+        summary = run_fleet(cfg, **run)
     done = {r: b for r, b in summary["regions"].items() if b}
-    click.echo(f"{len(done)}/{len(regions)} regions trained in {summary['seconds']:.0f} s")
+    click.echo(f"{len(done)}/{len(cfg.regions)} regions trained in {summary['seconds']:.0f} s")
     for r, b in sorted(done.items()):
         click.echo(f"  {r:24s} best iteration {b['iteration']:7d}  chi2 sum {b['metrics']['chi2_sum']:9.2f}")
-    missing = sorted(set(regions) - set(done))
+    missing = sorted(set(cfg.regions) - set(done))
     if missing:
         _fail(RuntimeError(f"{len(missing)} regions have no checkpoint: {', '.join(missing[:10])}"))
     if do_register:
@@ -468,22 +525,22 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, gpu, address, iterat
 @click.option("--space", "spaces", multiple=True, metavar="KEY=JSON",
               help="Candidates of a field, e.g. learning_rate=[1e-4,2e-4] (repeatable; others keep the family's).")
 @click.option("--only-given", is_flag=True, help="Search only the --space fields.")
-@click.option("--iterations", default=2000, show_default=True)
-@click.option("--checkpoint-every", default=500, show_default=True)
-@click.option("--min-val-per-energy", default=100, show_default=True)
-@click.option("--cpus-per-trial", default=1.0, show_default=True)
-@click.option("--gpus-per-trial", default=0.0, show_default=True, help="Fractions pack small trials onto a GPU.")
+@_training_options(device=False)
+@_split_options
+@click.option("--cpus-per-trial", default=1.0, show_default=True, help="CPUs (and torch threads) per trial.")
+@click.option("--gpus-per-trial", default=0.0, show_default=True,
+              help="Fractions pack small trials onto a GPU; refused if the Ray cluster has no GPU.")
 @click.option("--address", default=None, help="Ray cluster address (default: a local Ray).")
 @click.option("-o", "--out", "out_dir", default=None, help="Sweep folder (default: out/tune/MODEL-MODE).")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Resume the interrupted sweep in this folder (finished trials are not repeated).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-def tune(model_name, data_path, mode, num_samples, metric, grace_period, reduction_factor, spaces, only_given,
-         iterations, checkpoint_every, min_val_per_energy, cpus_per_trial, gpus_per_trial, address, out_dir, resume_dir,
-         use_mlflow, seed) -> None:
+def tune(model_name, data_path, mode, num_samples, metric, grace_period, reduction_factor, spaces, only_given, train,
+         split, cpus_per_trial, gpus_per_trial, address, out_dir, resume_dir, use_mlflow) -> None:
     """Search MODEL's hyper-parameters with Ray Tune (grid or ASHA); writes OUT/best.json, which
     `calozoo train --config` and `calozoo fleet --config` take."""
+    import dataclasses
+
     from calozoo.tracked import resume_tracked_sweep, run_tracked_sweep
     from tune.sweep import SweepConfig, resume_sweep, run_sweep
 
@@ -499,11 +556,10 @@ def tune(model_name, data_path, mode, num_samples, metric, grace_period, reducti
             cfg = SweepConfig(model=model_name, data=data_path, out_dir=out_dir or f"out/tune/{model_name}-{mode}",
                               mode=mode, space=space, only_given=only_given, num_samples=num_samples, metric=metric,
                               grace_period=grace_period, reduction_factor=reduction_factor,
-                              train={"iterations": iterations, "checkpoint_every": checkpoint_every},
-                              min_val_per_energy=min_val_per_energy, cpus_per_trial=cpus_per_trial,
-                              gpus_per_trial=gpus_per_trial, seed=seed)
+                              train=dataclasses.replace(train, progress=False), split=split,
+                              cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
             result = run_tracked_sweep(cfg, address=address)[0] if use_mlflow else run_sweep(cfg, address)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     best = result.best
     click.echo(f"{len(result.trials)} trials, {result.n_stopped_early} stopped early by ASHA, {result.seconds:.0f} s")

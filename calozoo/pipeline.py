@@ -157,7 +157,9 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
     from showers.campaign import CampaignSpec, run_campaign
     from showers.detector import get_detector
     from showers.plots import plot_file
+    from trainers.data import DataSplit
     from trainers.fleet import FleetConfig
+    from trainers.loop import TrainConfig
     from tune.sweep import SweepConfig, load_best
     from validate.report import ValidateConfig, read_sample, validate_samples
 
@@ -195,9 +197,9 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
         sweep, _ = run_tracked_sweep(SweepConfig(
             model=sc.model, data=str(train_dir / f"{sweep_region}.h5"), out_dir=str(out / "sweep"), mode="asha",
             space={k: list(v) for k, v in sc.sweep_space}, only_given=True, num_samples=sc.sweep_samples,
-            metric="etot_shift", train={"iterations": sc.sweep_iterations,
-                                        "checkpoint_every": sc.sweep_checkpoint_every},
-            min_val_per_energy=sc.min_val_per_energy), campaign=f"{campaign}-sweep", uri=uri)
+            metric="etot_shift", train=TrainConfig(iterations=sc.sweep_iterations,
+                                                   checkpoint_every=sc.sweep_checkpoint_every, progress=False),
+            split=DataSplit(min_per_energy=sc.min_val_per_energy)), campaign=f"{campaign}-sweep", uri=uri)
         best = load_best(Path(sweep.path) / "best.json")
         echo(f"  {len(sweep.trials)} trials, {sweep.n_stopped_early} stopped early; best {best['overrides']} "
              f"({sweep.best['metric']} {sweep.best['value']:.3g})")
@@ -207,9 +209,9 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
         fleet_dir = out / "fleet"
         fcfg = FleetConfig(model=sc.model, data_dir=str(train_dir), out_dir=str(fleet_dir), regions=names,
                            overrides={k: tuple(v) if isinstance(v, list) else v for k, v in best["overrides"].items()},
-                           min_val_per_energy=sc.min_val_per_energy,
-                           train={"iterations": sc.fleet_iterations, "checkpoint_every": sc.fleet_checkpoint_every,
-                                  "progress": False})
+                           split=DataSplit(min_per_energy=sc.min_val_per_energy),
+                           train=TrainConfig(iterations=sc.fleet_iterations, checkpoint_every=sc.fleet_checkpoint_every,
+                                             progress=False))
         with _FleetProgress(fleet_dir, names, sc.fleet_iterations):
             summary, fleet_run = run_tracked_fleet(fcfg, campaign=campaign, uri=uri, plots=sc.plots,
                                                    num_workers=sc.workers)

@@ -28,16 +28,18 @@ from pathlib import Path
 from typing import Callable
 
 from registry.tracking import PENDING, RUN_FILE, TrackedRun, get_client, get_experiment_id, quick_http
+from showers.formats import file_attrs
 from trainers.data import ShowerData
 from trainers.fleet import FleetConfig, run_fleet
 from trainers.loop import TrainConfig, TrainResult, train, validate
-from tune.sweep import SweepConfig, SweepResult, load_config, resume_sweep, run_sweep, search_space, trial_label
+from tune.sweep import (SweepConfig, SweepResult, check_resumable, load_config, resume_sweep, run_sweep, search_space,
+                        trial_label)
 from validate.plots import plot_comparison
 from zoo.base import ShowerModel, model_from_checkpoint
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 
 __all__ = ["MLflowFleetTracker", "MLflowSweepTracker", "best_tags", "log_report", "model_params",
-           "resume_tracked_sweep", "run_name", "run_tracked_fleet", "run_tracked_sweep", "train_tracked",
+           "resume_tracked_sweep", "run_labels", "run_name", "run_tracked_fleet", "run_tracked_sweep", "train_tracked",
            "validation_plot"]
 
 
@@ -87,6 +89,16 @@ def _finish_trained(run: TrackedRun, run_dir, val_data: ShowerData, plots: bool 
         if png is not None:
             run.log_artifact(png, "plots")
     run.finish("FINISHED")
+
+
+def run_labels(data_path, campaign: str | None = None, region: str | None = None) -> tuple[str, str]:
+    """The MLflow experiment (campaign) and region of a run on ``data_path``: as given, else from the
+    data's attributes (``campaign`` or ``detector``; ``region``), else the file's name and "all"."""
+    path = Path(data_path)
+    first = path if path.is_file() else sorted(path.glob("*.h5"))[0]
+    attrs = file_attrs(first)
+    return (campaign or str(attrs.get("campaign") or attrs.get("detector") or first.stem),
+            region or str(attrs.get("region") or "all"))
 
 
 def train_tracked(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg: TrainConfig, run_dir, *,
@@ -179,13 +191,14 @@ def run_tracked_fleet(cfg: FleetConfig, *, campaign: str, uri: str | None = None
     gets the fleet's summary (regions done, seconds, mean best χ² sum, ``summary.json``) and ends
     with its status. Returns (the summary, the parent run)."""
     out = Path(cfg.out_dir).resolve()
-    iterations = int(cfg.train.get("iterations", TrainConfig.iterations))
+    iterations = cfg.train.iterations
     parent = TrackedRun(f"fleet/{cfg.model}", campaign, out / "_fleet", uri=uri,
                         params={"model": cfg.model, "n_regions": len(cfg.regions), "workers": num_workers,
-                                "train": cfg.train, "overrides": cfg.overrides, "bank_size": cfg.bank_size},
+                                "train": asdict(cfg.train), "overrides": cfg.overrides, "bank_size": cfg.bank_size},
                         tags={"calozoo.fleet": "true", "calozoo.campaign": campaign})
     tracker = MLflowFleetTracker(campaign, parent.uri, parent.run_id, plots,
-                                 params={"train": cfg.train, "fleet": {"bank_size": cfg.bank_size, "rng": cfg.rng}})
+                                 params={"train": asdict(cfg.train),
+                                         "fleet": {"bank_size": cfg.bank_size, "rng": cfg.rng}})
     t0 = time.time()
     status, summary = "FAILED", None
     try:
@@ -244,7 +257,7 @@ def run_tracked_sweep(cfg: SweepConfig, *, campaign: str = "sweeps", uri: str | 
     parent = TrackedRun(_sweep_parent_name(cfg), campaign, Path(cfg.out_dir).resolve() / "_sweep", uri=uri,
                         params={"model": cfg.model, "mode": cfg.mode, "metric": cfg.metric,
                                 "space": {k: json.dumps(v) for k, v in search_space(cfg).candidates().items()},
-                                "train": cfg.train},
+                                "train": asdict(cfg.train)},
                         tags={"calozoo.sweep": "true"})
     tracker = MLflowSweepTracker(campaign, parent.uri, parent.run_id)
     result = _parent_outcome(parent, lambda: run_sweep(cfg, address, tracker=tracker))
@@ -257,7 +270,7 @@ def resume_tracked_sweep(out_dir, *, uri: str | None = None,
     """``tune.sweep.resume_sweep`` into the MLflow runs the sweep was tracked in (its parent run is
     found in ``OUT/_sweep``; the resumed trials log into their own runs); untracked (None for the
     parent run) if the sweep was not tracked."""
-    out = Path(out_dir).resolve()
+    out = check_resumable(out_dir)  # before anything is started or logged
     recorded = _recorded_run(out / "_sweep")
     if recorded is None:
         return resume_sweep(out, address), None
@@ -287,7 +300,7 @@ def _finish_sweep(parent: TrackedRun, cfg: SweepConfig, result: SweepResult) -> 
     best = result.best
     parent.log_metrics({f"best_{cfg.metric}": best["value"], "trials": len(result.trials),
                         "stopped_early": result.n_stopped_early, "seconds": result.seconds},
-                       int(cfg.train.get("iterations", TrainConfig.iterations)))
+                       cfg.train.iterations)
     parent.set_tags({"best_trial": best["trial"], "best_params": trial_label(best["overrides"])})
     parent.log_artifact(Path(result.path) / "best.json")
     parent.finish()

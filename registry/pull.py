@@ -27,8 +27,8 @@ from registry.tracking import fluent_uri, get_client, quick_http, tracking_uri
 from showers.readout import Readout
 from showers.transforms import ConditionSpec, encode_conditions
 
-__all__ = ["RegistryError", "ShowerGenerator", "cache_dir", "parse_ref", "pull", "registered_name",
-           "session_options"]
+__all__ = ["RegistryError", "ShowerGenerator", "cache_dir", "check_name", "list_models", "parse_ref", "pull",
+           "registered_name", "session_options"]
 
 log = logging.getLogger("calozoo.registry")
 
@@ -50,8 +50,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CALOZOO_CACHE") or Path.home() / ".cache" / "calozoo" / "models")
 
 
+#: the longest registered model name accepted (MLflow's SQL stores keep names in 256 characters)
+MAX_NAME = 256
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can be a registered model's name, else RegistryError "invalid model name ...".
+
+    Refused: the empty name, ``.`` and ``..`` (they would map to folders outside the model cache),
+    names longer than MAX_NAME characters, and names with control characters or path separators."""
+    shown = name if len(name) <= 60 else f"{name[:40]}... ({len(name)} characters)"
+    if not name or name in (".", "..") or set(name) <= {"."}:
+        why = "a model name cannot be empty or only dots ('.', '..')"
+    elif len(name) > MAX_NAME:
+        why = f"at most {MAX_NAME} characters"
+    elif any(ord(c) < 32 or c in "/\\\x7f" for c in name):
+        why = "no control characters, '/' or '\\'"
+    else:
+        return name
+    raise RegistryError(f"invalid model name {shown!r}: {why} (registered names are CAMPAIGN.FAMILY.REGION)")
+
+
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """``NAME@alias`` / ``NAME@3`` / ``NAME/3`` / ``NAME`` → (name, alias, version)."""
+    """``NAME@alias`` / ``NAME@3`` / ``NAME/3`` / ``NAME`` → (name, alias, version); the name is
+    checked (:func:`check_name`) before anything touches the cache or the network."""
     ref = ref.strip()
     if ref.startswith("models:/"):
         ref = ref[len("models:/"):]
@@ -59,6 +81,7 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     if not m or not m.group(1):
         raise RegistryError(f"cannot read model reference {ref!r}: expected NAME, NAME@ALIAS or NAME@VERSION")
     name, at, slash = m.groups()
+    check_name(name)
     if slash:
         return name, None, slash
     if at and re.fullmatch(r"v?\d+", at):
@@ -162,10 +185,19 @@ def _cached(dest: Path, source: str | None = None) -> Path | None:
     return onnx_file
 
 
+def _cache_root(name: str) -> Path:
+    """The cache folder of a model name: always a folder directly inside :func:`cache_dir`."""
+    base = cache_dir()
+    root = base / re.sub(r"[^\w.\-]+", "_", check_name(name))
+    if root.name in ("", ".", "..") or root.resolve().parent != base.resolve():
+        raise RegistryError(f"invalid model name {name!r}: it maps outside the model cache {base}")
+    return root
+
+
 def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=None) -> ShowerGenerator:
     """A :class:`ShowerGenerator` for a registered model (see the module docstring)."""
     name, alias, version = parse_ref(ref)
-    root = cache_dir() / re.sub(r"[^\w.\-]+", "_", name)
+    root = _cache_root(name)
     aliases_file = root / "aliases.json"
     remembered = json.loads(aliases_file.read_text()) if aliases_file.exists() else {}
     client = None
@@ -214,6 +246,28 @@ def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=N
         with quick_http(retries=1, timeout=60):
             onnx_file = _download(client, name, version, dest)
     return ShowerGenerator(onnx_file, name=name, version=str(version), providers=providers)
+
+
+def list_models(pattern: str | None = None, *, uri: str | None = None, timeout: float = 10.0) -> list[dict]:
+    """The registered models (names containing ``pattern``): [{"name", "versions", "champion",
+    "chi2_sum"}], sorted by name. A dead, refusing or hanging server gives a RegistryError naming the
+    tracking URI within about ``timeout`` seconds per request, not a traceback or a wait of minutes."""
+    client = get_client(uri)
+    try:
+        with quick_http(retries=0, timeout=timeout):
+            found = client.search_registered_models(max_results=1000)
+            rows = []
+            for m in sorted(found, key=lambda m: m.name):
+                if pattern and pattern not in m.name:
+                    continue
+                versions = client.search_model_versions(f"name = '{m.name}'")
+                champ = dict(getattr(m, "aliases", {}) or {}).get("champion")
+                metric = next((v.tags.get("val_chi2_sum") for v in versions if str(v.version) == str(champ)), None)
+                rows.append({"name": m.name, "versions": len(versions), "champion": champ,
+                             "chi2_sum": None if metric is None else float(metric)})
+    except Exception as exc:  # noqa: BLE001 - connection refused, timeout, HTTP errors, a broken store
+        raise RegistryError(f"cannot list the registered models at {tracking_uri(uri)}: {_first_line(exc)}") from None
+    return rows
 
 
 def session_options(threads: int | None = None):
@@ -298,6 +352,12 @@ class ShowerGenerator:
         if energy.size == 0 or not np.all(np.isfinite(energy)) or not np.all(energy > 0):
             raise ValueError("incident energies must be finite and > 0 MeV")
         self._check_range(energy, "energy_mev", "GeV", 1e3, allow_extrapolation)
+        if angle_deg is not None and not spec.use_angle:
+            raise ValueError(f"{self.name} v{self.version} is not conditioned on the angle: drop the angle "
+                             f"(--angle {angle_deg}); the showers would not depend on it")
+        if geometry is not None and not spec.geometries:
+            raise ValueError(f"{self.name} v{self.version} is not conditioned on the geometry: drop the geometry "
+                             f"(--geometry {geometry}); the showers would not depend on it")
         if spec.use_angle:
             if angle_deg is None:
                 lo, hi = self.trained_range.get("angle_deg", (None, None))
@@ -329,6 +389,8 @@ class ShowerGenerator:
         seed: the noise is drawn from ``numpy.random.default_rng(seed)`` (the same showers for the
         same seed, whatever the batch size); or give ``noise`` (N, noise_dim) yourself.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch size must be a whole number >= 1, got {batch_size!r}")
         cond = self.encode(energy_mev, angle_deg, geometry, allow_extrapolation)
         n = len(cond)
         if noise is not None:

@@ -155,13 +155,9 @@ def run_campaign(regions: list[Region], out_dir, spec: CampaignSpec, address: st
 def _run_ray(regions, out_dir, spec, address, overwrite, bar, num_cpus):
     import ray
 
-    if address is None:
-        # a local Ray needs no token; without this a stale ~/.ray/auth_token makes it refuse us
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    from showers.localray import init_ray
+
+    started = init_ray(address, num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(simulate_region)
         pending = {task.remote(r, str(out_dir.resolve()), spec, overwrite): r for r in regions}

@@ -70,9 +70,9 @@ GEV_SUSPECT_MEDIAN_RATIO = 2.0
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
-def _rows(first_row: int, idx) -> str:
-    """Human row description, in absolute row numbers of the file."""
-    idx = np.atleast_1d(np.asarray(idx)) + first_row
+def _rows(first_row: int, idx, step: int = 1) -> str:
+    """Human row description, in absolute row numbers of the file (``step``: rows of a strided read)."""
+    idx = np.atleast_1d(np.asarray(idx)) * step + first_row
     shown = ", ".join(str(int(i)) for i in idx[:5])
     return f"row {shown}" if idx.size == 1 else f"rows {shown}{', ...' if idx.size > 5 else ''}"
 
@@ -86,6 +86,7 @@ def validate_showers(
     *,
     energy_dataset: str = INCIDENT,
     first_row: int = 0,
+    row_step: int = 1,
 ) -> None:
     """Check a chunk of showers; raise :class:`ShowerDataError` naming ``source``, the dataset and the problem.
 
@@ -95,6 +96,7 @@ def validate_showers(
     dataset / energy_dataset: names of the shower and incident-energy datasets for the messages.
     readout: a Readout (or anything :func:`get_readout` takes); the width must be its n_voxels.
     first_row: row number of the chunk's first row in the file, so messages give file rows.
+    row_step: the chunk holds every ``row_step``-th row of the file from ``first_row`` (a strided read).
 
     Checks, in order: shapes (2-d showers, one incident energy per shower, width = readout), NaN or
     inf in either array, incident energies <= 0, any shower value < 0 (no tolerance: a negative
@@ -102,16 +104,18 @@ def validate_showers(
     the units rule.
 
     Units rule (a file is refused with "looks like GeV; expected MeV" when either holds):
-      * the largest incident energy of the chunk is below 20 (MeV). Every dataset calozoo knows
-        starts well above: CaloChallenge at 256 MeV, Par04 and the Geant4 reference at 1 GeV;
-        a GeV file of 1-16 GeV primaries trips this.
-      * the median over the chunk's showers of sum(showers) / incident energy exceeds 2. A
-        calorimeter cannot see more than the incident energy (sampling-corrected sums scatter
-        around 1, raw sampling fractions are ~0.01-1), so a median above 2 means the incident
-        energies are ~1000x too small: GeV against showers in MeV. The median, not each shower,
-        so that one low-energy shower with a large sampling fluctuation does not trip it.
-    A file in GeV for both arrays with primaries above 20 GeV passes; nothing in the numbers tells
-    it apart from a MeV file of lower energies. Showers in GeV with incident energies in MeV are not
+      * any incident energy is below 20 (MeV). Every dataset calozoo knows starts well above:
+        CaloChallenge at 256 MeV, Par04 and the Geant4 reference at 1 GeV, so a primary of a few
+        MeV is a GeV value: a file of 1-64 GeV primaries with both arrays in GeV trips this (its
+        E_tot/E_inc is a calorimeter's, but at "1 MeV" no calorimeter sees a shower).
+      * at any incident energy (each energy point of a discrete spectrum; the whole chunk for a
+        continuous one) the median of sum(showers) / incident energy exceeds 2. A calorimeter
+        cannot see more than the incident energy (sampling-corrected sums scatter around 1, raw
+        sampling fractions are ~0.01-1), so a median above 2 means the incident energies are ~1000x
+        too small: GeV against showers in MeV. The median, not each shower, so that one low-energy
+        shower with a large sampling fluctuation does not trip it.
+    A file in GeV for both arrays with every primary above 20 GeV passes; nothing in the numbers
+    tells it apart from a MeV file of lower energies. Showers in GeV with incident energies in MeV are not
     detected either: their ratio (~1e-3) overlaps with gaseous sampling calorimeters.
     """
     E = np.asarray(incident_energies_mev)
@@ -141,14 +145,14 @@ def validate_showers(
     bad = ~np.isfinite(E)
     if bad.any():
         raise ShowerDataError(
-            source, f"{int(bad.sum())} NaN/inf incident energies at {_rows(first_row, np.flatnonzero(bad))}",
+            source, f"{int(bad.sum())} NaN/inf incident energies at {_rows(first_row, np.flatnonzero(bad), row_step)}",
             energy_dataset,
         )
     bad = E <= 0
     if bad.any():
         raise ShowerDataError(
             source, f"{int(bad.sum())} zero or negative incident energies (min {E.min():g}) at "
-            f"{_rows(first_row, np.flatnonzero(bad))}", energy_dataset,
+            f"{_rows(first_row, np.flatnonzero(bad), row_step)}", energy_dataset,
         )
     # Row sums in float64 find NaN/inf without a (n, n_voxels) boolean temporary (inf - inf is
     # NaN, so the sum of a row with any non-finite value is non-finite); they serve the units rule too.
@@ -156,24 +160,31 @@ def validate_showers(
     bad_rows = np.flatnonzero(~np.isfinite(sums))
     if bad_rows.size:
         n_bad = int((~np.isfinite(X[bad_rows])).sum())
-        raise ShowerDataError(source, f"{n_bad} NaN/inf values in {_rows(first_row, bad_rows)}", dataset)
+        raise ShowerDataError(source, f"{n_bad} NaN/inf values in {_rows(first_row, bad_rows, row_step)}", dataset)
     if X.size and X.min() < 0:
         neg = X < 0
         n_neg, neg_rows = int(neg.sum()), np.flatnonzero(neg.any(axis=1))
         raise ShowerDataError(
-            source, f"{n_neg} negative energies (min {X.min():g} MeV) in {_rows(first_row, neg_rows)}", dataset,
+            source, f"{n_neg} negative energies (min {X.min():g} MeV) in {_rows(first_row, neg_rows, row_step)}", dataset,
         )
-    if E.max() < GEV_SUSPECT_MAX_INCIDENT_MEV:
+    low = E < GEV_SUSPECT_MAX_INCIDENT_MEV
+    if low.any():
         raise ShowerDataError(
-            source, f"incident energies: looks like GeV; expected MeV (largest is {E.max():g}, below "
-            f"{GEV_SUSPECT_MAX_INCIDENT_MEV:g} MeV)", energy_dataset,
+            source, f"incident energies: looks like GeV; expected MeV ({int(low.sum())} of {E.size} below "
+            f"{GEV_SUSPECT_MAX_INCIDENT_MEV:g} MeV, the smallest {E.min():g}, at "
+            f"{_rows(first_row, np.flatnonzero(low), row_step)})", energy_dataset,
         )
-    ratio = float(np.median(sums / E))
-    if ratio > GEV_SUSPECT_MEDIAN_RATIO:
-        raise ShowerDataError(
-            source, f"incident energies: looks like GeV; expected MeV (median shower sum / incident "
-            f"energy = {ratio:.4g} > {GEV_SUSPECT_MEDIAN_RATIO:g})", energy_dataset,
-        )
+    ratios = sums / E
+    points = np.unique(E)
+    groups = [(float(e), ratios[E == e]) for e in points] if points.size <= 50 else [(None, ratios)]
+    for e, r in groups:
+        ratio = float(np.median(r))
+        if ratio > GEV_SUSPECT_MEDIAN_RATIO:
+            at = f" at {e:g} MeV" if e is not None else ""
+            raise ShowerDataError(
+                source, f"incident energies: looks like GeV; expected MeV (median shower sum / incident "
+                f"energy{at} = {ratio:.4g} > {GEV_SUSPECT_MEDIAN_RATIO:g})", energy_dataset,
+            )
 
 
 # ---------------------------------------------------------------------------------------------

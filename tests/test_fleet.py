@@ -18,7 +18,9 @@ from showers.detector import get_detector
 from zoo.checkpoint import CheckpointManager
 from calozoo.tracked import run_tracked_fleet
 from showers.campaign import list_regions
+from trainers.data import DataSplit
 from trainers.fleet import FleetConfig, assign_regions, run_fleet
+from trainers.loop import TrainConfig
 
 ITERATIONS, EVERY = 40, 10
 
@@ -34,8 +36,8 @@ def campaign(tmp_path_factory):
 
 def fleet_config(data_dir, out, **kw) -> FleetConfig:
     return FleetConfig(model="fastcalogan", data_dir=str(data_dir), out_dir=str(out),
-                       regions=list_regions(data_dir), min_val_per_energy=15, bank_size=2,
-                       train={"iterations": ITERATIONS, "checkpoint_every": EVERY, "progress": False, "n_val_max": 50},
+                       regions=list_regions(data_dir), split=DataSplit(min_per_energy=15), bank_size=2,
+                       train=TrainConfig(iterations=ITERATIONS, checkpoint_every=EVERY, progress=False, n_val_max=50),
                        overrides={"batch_size": 16, "n_critic": 2, "learning_rate": 1e-3}, **kw)
 
 
@@ -180,8 +182,8 @@ def test_fast_ar_fleet_on_ray_train(pbwo4_campaign, tmp_path):
 
     out = tmp_path / "fleet"
     cfg = FleetConfig(model="fast_ar", data_dir=str(pbwo4_campaign), out_dir=str(out),
-                      regions=list_regions(pbwo4_campaign), min_val_per_energy=4, bank_size=2,
-                      train={"iterations": 4, "checkpoint_every": 2, "progress": False, "n_val_max": 8},
+                      regions=list_regions(pbwo4_campaign), split=DataSplit(min_per_energy=4), bank_size=2,
+                      train=TrainConfig(iterations=4, checkpoint_every=2, progress=False, n_val_max=8),
                       overrides={"batch_size": 4, "width": 4, "n_conv": 1, "n_components": 2})
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:

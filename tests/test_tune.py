@@ -39,7 +39,8 @@ def ray_local():
 
 
 def sweep(data, out, **kw) -> SweepConfig:
-    base = dict(model="fastcalogan", data=str(data), out_dir=str(out), only_given=True, min_val_per_energy=15,
+    # train and split as dicts, the way sweep.json and the trials' configs carry them
+    base = dict(model="fastcalogan", data=str(data), out_dir=str(out), only_given=True, split={"min_per_energy": 15},
                 train={"iterations": 40, "checkpoint_every": 10})
     return SweepConfig(**{**base, **kw})
 

@@ -11,7 +11,7 @@ from showers.errors import ShowerDataError
 from showers.formats import file_attrs, file_readout, iter_calochallenge
 from showers.readout import Readout, get_readout
 
-__all__ = ["ShowerData", "load_showers", "split_validation", "energy_points"]
+__all__ = ["DataSplit", "ShowerData", "load_showers", "split_validation", "energy_points"]
 
 
 @dataclass
@@ -85,6 +85,29 @@ def load_showers(path, readout=None, max_showers: int | None = None) -> ShowerDa
     energy = np.concatenate(es)[:max_showers]
     return ShowerData(np.concatenate(xs)[:max_showers], energy, ro, ",".join(str(f) for f in files),
                       angle=np.concatenate(angles)[:max_showers])
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """How a data set is split into training and validation showers (``split_validation``).
+
+    val_fraction: held out per energy point (a continuous spectrum: of all showers), in [0, 1).
+    min_per_energy: at least this many held out per energy point (never all of a point's showers).
+    """
+
+    val_fraction: float = 0.2
+    min_per_energy: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if isinstance(self.min_per_energy, bool) or not isinstance(self.min_per_energy, int) or self.min_per_energy < 0:
+            raise ValueError(f"min_per_energy (--min-val-per-energy) must be a whole number >= 0, "
+                             f"got {self.min_per_energy!r}")
+
+    def __call__(self, data: ShowerData, seed: int = 0) -> tuple[ShowerData, ShowerData]:
+        """(training, validation) showers of ``data``."""
+        return split_validation(data, self.val_fraction, self.min_per_energy, seed=seed)
 
 
 def split_validation(data: ShowerData, fraction: float = 0.2, min_per_energy: int = 0,

@@ -18,6 +18,7 @@ region resumed rather than restarted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -35,7 +36,8 @@ from ray.train.torch import TorchTrainer
 from showers.campaign import list_regions
 from showers.errors import ShowerDataError
 from showers.formats import file_readout, open_h5
-from trainers.data import ShowerData, load_showers, split_validation
+from showers.localray import init_ray
+from trainers.data import DataSplit, ShowerData, load_showers
 from trainers.loop import TrainConfig, train_models
 from trainers.reptile import load_compatible
 from zoo import create_model_for
@@ -46,30 +48,44 @@ __all__ = ["FleetConfig", "FleetTracker", "assign_regions", "check_config", "lis
            "train_share"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class FleetConfig:
     """What a fleet trains, and where.
 
     model: a zoo variant (``fastcalogan``, ``par04_vae_pbwo4``, ...), rebuilt per region with the
         region's readout. data_dir: a campaign folder, one CaloChallenge file ``<region>.h5`` per
         region. out_dir: the fleet's folder on storage every worker can reach.
-    train: ``trainers.loop.TrainConfig`` fields. overrides: model config fields.
+    train: how each region trains (its ``seed`` also seeds the models and the data split).
+    split: each region's training/validation split. overrides: model config fields.
     bank_size: at most this many regions per bank (a worker trains its banks one after another).
     rng: "bank" (one generator per bank, on the device: fast) or "per_model".
+    init_checkpoint: a meta-initialisation (``trainers.reptile``) every region starts from.
     """
 
     model: str
     data_dir: str
     out_dir: str
-    regions: list[str]
-    train: dict = field(default_factory=dict)
+    regions: tuple[str, ...]
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
+    split: DataSplit = field(default_factory=DataSplit)
     overrides: dict = field(default_factory=dict)
     bank_size: int = 64
     rng: str = "bank"
-    val_fraction: float = 0.2
-    min_val_per_energy: int = 100
-    seed: int = 0
-    init_checkpoint: str | None = None  # a meta-initialisation (trainers.reptile): a meta-adapted fleet
+    init_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        # a config that went through JSON or asdict (fleet.json, the Ray workers) has dicts here
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", TrainConfig(**self.train))
+        if isinstance(self.split, dict):
+            object.__setattr__(self, "split", DataSplit(**self.split))
+        object.__setattr__(self, "regions", tuple(self.regions))
+        if not self.regions:
+            raise ValueError("a fleet needs at least one region")
+        if isinstance(self.bank_size, bool) or not isinstance(self.bank_size, int) or self.bank_size < 1:
+            raise ValueError(f"bank_size must be a whole number >= 1, got {self.bank_size!r}")
+        if self.rng not in ("bank", "per_model"):
+            raise ValueError(f"rng must be 'bank' or 'per_model', got {self.rng!r}")
 
 
 class FleetTracker(Protocol):
@@ -91,12 +107,22 @@ def _n_voxels(path: Path) -> int:
         return int(f["showers"].shape[1])
 
 
+#: on a CPU, a bank's batch of showers (K × batch × voxels × 4 bytes) is kept within this: beyond the
+#: caches, the stacked tensors make every elementwise pass memory-bound (``benchmarks/bench_banks.py``:
+#: the Par04 VAE at 6480 voxels, batch 100, 1.02× the plain loop at K = 10, 26 MB, and 0.59× at K = 30)
+CPU_BANK_BYTES = 32 * 2**20
+
+
+def cpu_bank_size(bank_size: int, batch_size: int, n_voxels: int) -> int:
+    """The bank size to use on a CPU: ``bank_size``, capped so the batch stays within CPU_BANK_BYTES."""
+    return max(1, min(bank_size, CPU_BANK_BYTES // max(1, 4 * batch_size * n_voxels)))
+
+
 def check_config(cfg: FleetConfig) -> None:
     """Refuse a fleet that cannot train, before any Ray worker starts: unreadable region files (named),
     training options and model overrides that make no sense (by building the first region's model)."""
     for n in cfg.regions:
         _n_voxels(Path(cfg.data_dir) / f"{n}.h5")
-    TrainConfig(**cfg.train)
     first = Path(cfg.data_dir) / f"{cfg.regions[0]}.h5"
     readout = file_readout(first)
     if readout is None:
@@ -128,16 +154,20 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
     Regions are trained in banks of at most ``bank_size`` models that share a shape (``trainers.bank``:
     the same voxel count), one bank after another.
     """
-    tcfg = TrainConfig(**{**cfg.train, "device": str(device)})
+    tcfg = dataclasses.replace(cfg.train, device=str(device))
     out = Path(cfg.out_dir)
     results = {}
     init = load_checkpoint(cfg.init_checkpoint)["model"] if cfg.init_checkpoint else None
     # banks of one voxel count: regions sorted by it, then cut into banks
-    regions = sorted(regions, key=lambda n: (_n_voxels(Path(cfg.data_dir) / f"{n}.h5"), n))
+    voxels = {n: _n_voxels(Path(cfg.data_dir) / f"{n}.h5") for n in regions}
+    batch = 0  # on a GPU, banks of cfg.bank_size
+    if torch.device(device).type == "cpu" and regions:
+        first = create_model_for(cfg.model, file_readout(Path(cfg.data_dir) / f"{regions[0]}.h5"), **cfg.overrides)
+        batch = int(getattr(first.config, "batch_size", 128))
     groups: list[list[str]] = []
-    for n in regions:
-        if groups and len(groups[-1]) < cfg.bank_size and _n_voxels(Path(cfg.data_dir) / f"{groups[-1][0]}.h5") \
-                == _n_voxels(Path(cfg.data_dir) / f"{n}.h5"):
+    for n in sorted(regions, key=lambda n: (voxels[n], n)):
+        size = cpu_bank_size(cfg.bank_size, batch, voxels[n]) if batch else cfg.bank_size
+        if groups and len(groups[-1]) < size and voxels[groups[-1][0]] == voxels[n]:
             groups[-1].append(n)
         else:
             groups.append([n])
@@ -153,8 +183,8 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
         models, trains, vals = [], [], []
         for n in names:
             data = load_showers(Path(cfg.data_dir) / f"{n}.h5")
-            tr, va = split_validation(data, cfg.val_fraction, cfg.min_val_per_energy, seed=cfg.seed)
-            torch.manual_seed(cfg.seed)
+            tr, va = cfg.split(data, seed=tcfg.seed)
+            torch.manual_seed(tcfg.seed)
             model = create_model_for(cfg.model, data.readout, **cfg.overrides)
             if init is not None:
                 load_compatible(model, init)
@@ -170,7 +200,7 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
             if logs is not None:
                 logs[i](record, iteration)
 
-        train_models(models, trains, vals, tcfg, dirs, rng=cfg.rng, seeds=[cfg.seed] * len(names), log=log,
+        train_models(models, trains, vals, tcfg, dirs, rng=cfg.rng, seeds=[tcfg.seed] * len(names), log=log,
                      names=names)
         for n, d, va in zip(names, dirs, vals):
             best = CheckpointManager(d / "checkpoints").best()
@@ -218,18 +248,14 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
     t0 = time.perf_counter()
     check_config(cfg)
     out = Path(cfg.out_dir).resolve()
-    cfg.out_dir = str(out)
-    cfg.data_dir = str(Path(cfg.data_dir).resolve())
+    cfg = dataclasses.replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()))
     out.mkdir(parents=True, exist_ok=True)
-    iterations = int(cfg.train.get("iterations", 2000))
-    costs = {n: _n_voxels(Path(cfg.data_dir) / f"{n}.h5") * iterations for n in cfg.regions}
+    costs = {n: _n_voxels(Path(cfg.data_dir) / f"{n}.h5") * cfg.train.iterations for n in cfg.regions}
     shares = assign_regions(costs, num_workers)
     (out / "fleet.json").write_text(json.dumps({"config": asdict(cfg), "shares": shares}, indent=1))
 
-    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": max(num_workers * threads_per_worker, os.cpu_count() or 1)}))
+    # a cluster at address or RAY_ADDRESS (set inside a Ray job), else a local Ray on loopback only
+    init_ray(address, num_cpus=max(num_workers * threads_per_worker, os.cpu_count() or 1), log_to_driver=False)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"fleet": asdict(cfg), "shares": shares, "use_gpu": use_gpu, "threads": threads_per_worker,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +31,8 @@ from validate.metrics import etot_chi2
 from zoo.base import ShowerModel
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 
-__all__ = ["TrainConfig", "TrainResult", "checkpoint_state", "incremental_order", "train", "train_models",
-           "validate"]
+__all__ = ["TrainConfig", "TrainResult", "available_cpus", "checkpoint_state", "incremental_order", "set_threads",
+           "train", "train_models", "validate"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,22 @@ def incremental_order(points_mev) -> list[float]:
             order.append(pts[down])
             down -= 1
     return order
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or ``taskset`` limits)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Give torch ``n`` threads (default: as many as the CPUs this process may use, never more: on a
+    loaded machine extra threads only wait for each other). Returns the number set."""
+    cpus = available_cpus()
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"threads must be a whole number >= 1, got {n!r}")
+    n = cpus if n is None else min(n, cpus)
+    torch.set_num_threads(n)
+    return n
 
 
 def _device(name: str) -> torch.device:

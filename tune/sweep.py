@@ -34,25 +34,26 @@ from typing import Callable, Protocol
 
 import torch
 
-from trainers.data import load_showers, split_validation
+from trainers.data import DataSplit, load_showers
 from trainers.loop import TrainConfig, train
-from zoo import create_model
+from zoo import create_model, create_model_for
 from zoo.base import SearchSpace, ShowerModel
 
-__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "load_best", "load_config", "param_space", "resume_sweep",
-           "retrain_best", "run_sweep", "search_space", "trial_label"]
+__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "check_resumable", "load_best", "load_config", "param_space",
+           "resume_sweep", "retrain_best", "run_sweep", "search_space", "trial_label"]
 
 METRICS = ("chi2_sum", "sep_power", "etot_shift")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepConfig:
     """What a sweep trains and how it searches.
 
     model: a zoo variant; data: a CaloChallenge file (or folder) with the readout in its attributes.
     space: candidates per config field ({} = the family's whole search space; a field given here
         replaces its candidates, others keep theirs unless ``only_given``).
-    train: ``trainers.loop.TrainConfig`` fields (iterations, checkpoint_every, seed, ...).
+    train: how every trial trains (its ``seed`` also seeds the models, the split and the search).
+    split: the training/validation split of the data.
     """
 
     model: str
@@ -65,15 +66,21 @@ class SweepConfig:
     metric: str = "chi2_sum"
     grace_period: int = 1  # in checkpoints: the first rung is at grace_period × checkpoint_every
     reduction_factor: float = 2.0
-    train: dict = field(default_factory=dict)
-    val_fraction: float = 0.2
-    min_val_per_energy: int = 100
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
+    split: DataSplit = field(default_factory=DataSplit)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
-    seed: int = 0
 
     def __post_init__(self):
+        # a config read back from sweep.json has dicts here
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", TrainConfig(**{"progress": False, **self.train}))
+        if isinstance(self.split, dict):
+            object.__setattr__(self, "split", DataSplit(**self.split))
+        if not self.cpus_per_trial > 0 or not self.gpus_per_trial >= 0:
+            raise ValueError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial} "
+                             f"and {self.gpus_per_trial}")
         if self.mode not in ("grid", "asha"):
             raise ValueError(f"mode must be 'grid' or 'asha', got {self.mode!r}")
         if self.metric not in METRICS:
@@ -144,14 +151,11 @@ def trial_label(params: dict) -> str:
 def _prepare(cfg: SweepConfig, params: dict):
     """The model (seeded, with the data's readout), the data split and the TrainConfig of a trial."""
     data = load_showers(cfg.data)
-    tr, va = split_validation(data, cfg.val_fraction, cfg.min_val_per_energy, seed=cfg.seed)
+    tr, va = cfg.split(data, seed=cfg.train.seed)
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **params)
-    if model.readout != data.readout:
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, **{**params, "readout": data.readout.to_dict()})
-    return model, tr, va, TrainConfig(**{**cfg.train, "progress": False, "seed": cfg.seed})
+    torch.manual_seed(cfg.train.seed)
+    model = create_model_for(cfg.model, data.readout, **params)
+    return model, tr, va, replace(cfg.train, progress=False)
 
 
 def retrain_best(out_dir, run_dir) -> list[dict]:
@@ -203,8 +207,7 @@ def _tuner(cfg: SweepConfig, restore_path: str | None = None, tracker: SweepTrac
     trainable = tune.with_resources(tune.with_parameters(_trial, tracker=tracker), resources)
     if restore_path is not None:
         return tune.Tuner.restore(restore_path, trainable, resume_unfinished=True)
-    iterations = int(cfg.train.get("iterations", 2000))
-    every = int(cfg.train.get("checkpoint_every", 500))
+    iterations, every = cfg.train.iterations, cfg.train.checkpoint_every
     scheduler = None
     if cfg.mode == "asha":
         scheduler = ASHAScheduler(time_attr="iteration", max_t=iterations, grace_period=cfg.grace_period * every,
@@ -215,7 +218,7 @@ def _tuner(cfg: SweepConfig, restore_path: str | None = None, tracker: SweepTrac
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode="min", scheduler=scheduler,
-                                    search_alg=BasicVariantGenerator(random_state=cfg.seed,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.train.seed,
                                                                      max_concurrent=cfg.max_concurrent or 0),
                                     num_samples=cfg.num_samples if cfg.mode == "asha" else 1,
                                     trial_name_creator=lambda t: f"{t.trial_id}[{trial_label(t.config['params'])}]",
@@ -230,8 +233,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracker: SweepTracke
     tracker: records each trial (in the trial), e.g. calozoo's MLflow tracker; None: no tracking.
     """
     out = Path(cfg.out_dir).resolve()
-    cfg.out_dir = str(out)
-    cfg.data = str(Path(cfg.data).resolve())
+    cfg = replace(cfg, out_dir=str(out), data=str(Path(cfg.data).resolve()))
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(asdict(cfg), indent=1))
     return _fit(cfg, lambda: _tuner(cfg, tracker=tracker), address)
@@ -240,21 +242,81 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracker: SweepTracke
 def resume_sweep(out_dir, address: str | None = None, tracker: SweepTracker | None = None) -> SweepResult:
     """Resume an interrupted sweep (``Tuner.restore``): finished trials are kept, unfinished ones
     resume (recorded by ``tracker``, which should be the one the sweep started with)."""
-    out = Path(out_dir).resolve()
+    out = check_resumable(out_dir)
     cfg = load_config(out)
     return _fit(cfg, lambda: _tuner(cfg, restore_path=str(out / "tune"), tracker=tracker), address)
 
 
+def _untrusted(path: Path, st, uid: int, *, allow_root: bool = False) -> str | None:
+    """Why ``path`` (its ``os.lstat`` ``st``) cannot be trusted, or None."""
+    import stat
+
+    if st.st_uid != uid and not (allow_root and st.st_uid == 0):
+        return f"{path} is owned by uid {st.st_uid}, not by you (uid {uid})"
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and allow_root:
+        return None  # a sticky folder (/tmp): others cannot rename or replace what is yours in it
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
+def check_resumable(out_dir) -> Path:
+    """The resolved sweep folder, if resuming it is safe; else ValueError saying why.
+
+    Resuming hands ``OUT/tune`` to Ray's ``Tuner.restore``, which unpickles ``tuner.pkl`` (and the
+    pickles inside the experiment state), and unpickling runs code. So, as ssh does with its keys,
+    only a folder this user's sweep wrote is resumed: the folder, ``sweep.json`` and everything under
+    ``tune/`` must be owned by this user and writable by no one else (no group or world write bit),
+    and no folder above it may let another user replace it (owned by this user or root, and not
+    writable by others unless sticky, as /tmp is). Symbolic links under ``tune/`` are refused.
+    """
+    import os
+    import stat
+
+    out = Path(out_dir).resolve()
+    tuner = out / "tune" / "tuner.pkl"
+    if not tuner.is_file():
+        raise ValueError(f"{out}: not a sweep folder to resume (no tune/tuner.pkl); start a sweep with MODEL --data")
+    uid = os.geteuid()
+    problems = []
+    for parent in reversed(out.parents):
+        why = _untrusted(parent, os.lstat(parent), uid, allow_root=True)
+        if why:
+            problems.append(why)
+    for path in (out, out / "sweep.json"):
+        if path.exists() or path.is_symlink():
+            why = _untrusted(path, os.lstat(path), uid)
+            if why:
+                problems.append(why)
+    for root, dirs, files in os.walk(out / "tune"):
+        for name in [".", *dirs, *files]:
+            path = Path(root) / name if name != "." else Path(root)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                problems.append(f"{path} is a symbolic link")
+                continue
+            why = _untrusted(path, st, uid)
+            if why:
+                problems.append(why)
+        if len(problems) > 5:
+            break
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"refusing to resume {out}: {problems[0]}{more}. Resuming unpickles tune/tuner.pkl, which "
+                         "runs code: only a sweep folder that you own and no one else can write is resumed (fix it "
+                         f"with `chmod -R go-w {out}` if it is yours)")
+    return out
+
+
 def _fit(cfg: SweepConfig, make_tuner, address) -> SweepResult:
     """Fit the tuner ``make_tuner()`` builds (once Ray is up: the tracker goes to its object store)."""
-    import ray
+    from showers.localray import init_ray
 
     t0 = time.perf_counter()
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    init_ray(address, log_to_driver=False)  # a cluster (address, RAY_ADDRESS) or a local Ray on loopback only
+    _check_resources(cfg)
     results = make_tuner().fit()
-    iterations = int(cfg.train.get("iterations", 2000))
+    iterations = cfg.train.iterations
     trials = []
     for r in results:
         if r.metrics is None or "iteration" not in r.metrics:
@@ -269,11 +331,22 @@ def _fit(cfg: SweepConfig, make_tuner, address) -> SweepResult:
     stopped = sum(1 for t in done if t["iteration"] < iterations)
     best = {"model": cfg.model, "overrides": best_trial["params"], "metric": cfg.metric,
             "value": best_trial[cfg.metric], "iteration": best_trial["iteration"], "trial": best_trial["trial"],
-            "train": {**cfg.train, "seed": cfg.seed}, "data": cfg.data, "val_fraction": cfg.val_fraction,
-            "min_val_per_energy": cfg.min_val_per_energy}
+            "train": asdict(cfg.train), "data": cfg.data, "split": asdict(cfg.split)}
     out = Path(cfg.out_dir)
     (out / "best.json").write_text(json.dumps(best, indent=1))
     return SweepResult(best, trials, stopped, time.perf_counter() - t0, str(out))
+
+
+def _check_resources(cfg: SweepConfig) -> None:
+    """Refuse trials that ask for more than the Ray cluster has: Tune would wait for them forever."""
+    import ray
+
+    have = ray.cluster_resources()
+    asks = (("gpus_per_trial", "GPU", cfg.gpus_per_trial), ("cpus_per_trial", "CPU", cfg.cpus_per_trial))
+    for name, key, want in asks:
+        if want > have.get(key, 0.0):
+            raise ValueError(f"{name}={want:g}, but the Ray cluster has {have.get(key, 0.0):g} {key}s: no trial "
+                             "could ever start" + (" (a GPU sweep needs a cluster with GPUs)" if key == "GPU" else ""))
 
 
 def load_best(path) -> dict:

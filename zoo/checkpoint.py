@@ -11,17 +11,31 @@ crash at any moment leaves a consistent folder.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointManager", "load_checkpoint"]
+from showers.atomic import remove_stale, tmp_path
+
+__all__ = ["CheckpointError", "CheckpointManager", "load_checkpoint"]
+
+log = logging.getLogger("calozoo.zoo")
+
+#: what every checkpoint holds (``trainers.loop.checkpoint_state``)
+REQUIRED = ("family", "variant", "config", "model", "iteration")
+_CKPT = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or checkpoint index that cannot be used; the message names the file."""
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_path(path, unique=False)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -30,9 +44,38 @@ def _atomic_write_bytes(path: Path, write) -> None:
             tmp.unlink()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:200] if text else "") or type(exc).__name__
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True`` (no pickled code is ever executed)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint with ``weights_only=True`` (no pickled code is ever executed).
+
+    A missing, empty, truncated or foreign file (not a calozoo checkpoint) raises
+    :class:`CheckpointError` naming it and the problem, never torch's traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist" if not path.exists() else
+                              f"{path}: not a checkpoint file (a folder?)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch's zip format, or its legacy pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (it starts with {head!r})")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+        text = _first_line(exc).split(". ")[0]
+        what = ("truncated or corrupt checkpoint (an interrupted copy or write?)"
+                if any(k in text for k in ("central directory", "EOF", "truncated", "zip archive", "failed finding"))
+                else "not a readable checkpoint")
+        raise CheckpointError(f"{path}: {what}: {text}") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        have = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a calozoo checkpoint (needs {', '.join(REQUIRED)}; it holds {have})")
+    return state
 
 
 class CheckpointManager:
@@ -45,7 +88,45 @@ class CheckpointManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep, self.metric = keep, metric
         self.index_path = self.dir / "checkpoints.json"
-        self.entries: list[dict] = json.loads(self.index_path.read_text()) if self.index_path.exists() else []
+        remove_stale(self.dir)  # what a killed save left (its process gone)
+        self.entries: list[dict] = self._read_index()
+
+    def _read_index(self) -> list[dict]:
+        """The index; rebuilt from the ``ckpt-*.pt`` files when it is missing (never a silent restart
+        from 0 that would overwrite them); a garbled one is refused, naming it."""
+        if not self.index_path.exists():
+            files = sorted(p for p in self.dir.glob("ckpt-*.pt") if _CKPT.match(p.name))
+            if not files:
+                return []
+            entries = self._rebuild(files)
+            log.warning("%s was missing: rebuilt it from %d checkpoint file(s)", self.index_path, len(entries))
+            self.entries = entries
+            self._write_index()
+            return entries
+        try:
+            entries = json.loads(self.index_path.read_text())
+            if not isinstance(entries, list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("iteration"), int) and isinstance(e.get("file"), str)
+                    and "value" in e for e in entries):
+                raise ValueError("expected a list of {iteration, file, metrics, value}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{self.index_path}: not a checkpoint index ({_first_line(exc)}); delete it to "
+                                  "rebuild it from the ckpt-*.pt files beside it") from None
+        for e in entries:
+            if not _CKPT.match(e["file"]):
+                raise CheckpointError(f"{self.index_path}: entry {e['file']!r} is not a checkpoint file name "
+                                      "(ckpt-NNNNNNNNN.pt); delete the index to rebuild it")
+        return entries
+
+    def _rebuild(self, files: list[Path]) -> list[dict]:
+        entries = []
+        for path in files:
+            state = load_checkpoint(path)  # a truncated one is refused, naming it
+            metrics = {k: float(v) for k, v in dict(state.get("metrics", {})).items() if isinstance(v, (int, float))}
+            value = metrics.get(self.metric)
+            entries.append({"iteration": int(state["iteration"]), "file": path.name, "metrics": metrics,
+                            "value": None if value is None or not math.isfinite(value) else float(value)})
+        return sorted(entries, key=lambda e: e["iteration"])
 
     def save(self, state: dict, iteration: int, metrics: dict) -> Path:
         path = self.dir / f"ckpt-{iteration:09d}.pt"

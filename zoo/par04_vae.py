@@ -283,8 +283,10 @@ class Par04VAE(ShowerModel):
         mu, logvar = self.encode(x, cond)
         z = mu + torch.exp(0.5 * logvar) * batch["latent"]
         logits = self.decode_logits(z, cond)
-        # Keras' mean BCE over voxels × ORIGINAL_DIM = the sum over voxels
-        reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+        # Keras' mean BCE over voxels × ORIGINAL_DIM = the sum over voxels; BCE from logits l is
+        # softplus(l) - x l (what binary_cross_entropy_with_logits computes), written out because
+        # vmap has no batching rule for that op and decomposes it into five passes over the voxels
+        reconstruction = (F.softplus(logits) - x * logits).sum(1)
         kl = -0.5 * (1.0 + logvar - mu.square() - logvar.exp()).sum(1)
         loss = reconstruction + self.config.kl_weight * kl
         return {"loss": loss.mean(), "reconstruction": reconstruction.mean(), "kl": kl.mean()}

@@ -1,0 +1,69 @@
+"""The one way calozoo starts or joins Ray: a local Ray listens on loopback only.
+
+Every ``ray.init`` of the project goes through :func:`init_ray` (campaigns, fleets, sweeps, the demo).
+
+- With an address (the argument, else ``RAY_ADDRESS``: ``"auto"``, ``"ray://host:10001"``,
+  ``"10.0.0.1:6379"``) it connects to that cluster as it is: the cluster's own set-up (``ray start``
+  and its authentication) decides where it listens.
+- Without one it starts a single-node Ray whose every process (GCS, raylet, workers, dashboard and
+  runtime-env agents, the minimal dashboard) binds to 127.0.0.1. Ray 2.60 turns a node IP of
+  ``127.0.0.1`` given to ``ray.init(_node_ip_address=...)`` into the machine's routable address
+  (``services.resolve_ip_for_localhost``) and then listens on every interface; the node IP stays on
+  loopback only when Ray believes that clusters are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+  read at import as ``ray_constants.ENABLE_RAY_CLUSTER``). Both are set for the start alone and put
+  back afterwards, so a later connection to a real cluster from the same process is unaffected.
+
+Authentication is never switched off here: Ray's token authentication (on by default) protects the
+local Ray too. ``tests/test_ray_loopback.py`` lists the listening sockets of every process such a
+Ray starts and finds none beyond loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+__all__ = ["LOOPBACK", "init_ray"]
+
+LOOPBACK = "127.0.0.1"
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    from ray._private import ray_constants
+
+    old_env, old_const = os.environ.get(_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_ENV] = "0"  # the processes Ray starts read it at import
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read it already
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = old_env
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwargs) -> bool:
+    """Connect to the Ray at ``address`` (else ``RAY_ADDRESS``), or start a local Ray on loopback.
+
+    num_cpus: CPUs of a local Ray (ignored when connecting). kwargs: more ``ray.init`` arguments
+    (``log_to_driver``, ``configure_logging``, ...); a local Ray never starts the dashboard UI.
+    Returns True if this call initialised Ray (the caller then owns ``ray.shutdown()``), False if Ray
+    was already initialised in this process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs.setdefault("include_dashboard", False)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, **kwargs)
+        return True
+    kwargs["include_dashboard"] = False
+    with _loopback_only():
+        ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **kwargs)
+    return True
