@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -11,22 +12,61 @@ import click
 from calozoo import __version__
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without its quotes)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _fail(exc: Exception) -> None:
     """Bad input ends in one line naming the problem, not a traceback."""
-    raise click.ClickException(str(exc)) from exc
+    raise click.ClickException(_one_line(exc)) from exc
+
+
+class _Main(click.Group):
+    """The command group; what a command lets through of the errors that bad input raises (data,
+    configs, registry lookups, files, runtime refusals) still ends in one line and a non-zero exit,
+    not a traceback (``CALOZOO_DEBUG=1`` shows the traceback)."""
+
+    def invoke(self, ctx):
+        import os
+
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError) as exc:
+            if os.environ.get("CALOZOO_DEBUG"):
+                raise
+            raise click.ClickException(_one_line(exc)) from exc
 
 
 def _energies(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) * 1000.0 for x in text.split(",") if x.strip())
+        values = tuple(float(x) * 1000.0 for x in text.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated energies in GeV, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated energies in GeV, got {text!r}",
+                                 param_hint="--energies") from None
+    if not values:
+        raise click.BadParameter(f"no energy given ({text!r}): expected e.g. 1,4,16,64 (GeV)", param_hint="--energies")
+    bad = [v / 1000.0 for v in values if not (v > 0 and v < float("inf"))]
+    if bad:
+        raise click.BadParameter(f"energies must be finite and > 0 GeV, got {bad}", param_hint="--energies")
+    return values
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_POSITIVE = click.IntRange(min=1)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="calozoo")
-def main() -> None:
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="MLflow tracking store of this command, e.g. sqlite:///out/demo/mlflow.db (default: "
+                   "MLFLOW_TRACKING_URI, else ./mlflow.db).")
+def main(tracking_uri) -> None:
     """calozoo: ML fast calorimeter simulation, from showers to registered ONNX models."""
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
 
 
 @main.command()
@@ -53,7 +93,8 @@ def catalogue() -> None:
 @click.option("--particles", multiple=True, help="Only these particles (photon, electron, pion).")
 @click.option("--eta", nargs=2, type=float, default=None, help="Only regions overlapping this |eta| range.")
 @click.option("--energies", "energies", default="1,4,16,64", show_default=True, help="Incident energies in GeV.")
-@click.option("-n", "--n-per-energy", default=1000, show_default=True, help="Showers per energy (in all with --log-uniform).")
+@click.option("-n", "--n-per-energy", type=_POSITIVE, default=1000, show_default=True,
+              help="Showers per energy (in all with --log-uniform).")
 @click.option("--log-uniform", is_flag=True, help="Sample energies log-uniformly between the two --energies.")
 @click.option("--seed", default=1234, show_default=True)
 @click.option("-o", "--out", "out_dir", default="calozoo-data", show_default=True, type=click.Path(file_okay=False))
@@ -90,7 +131,7 @@ def simulate(detector, patterns, particles, eta, energies, n_per_energy, log_uni
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "out_png", default=None, help="PNG to write (default: next to the file).")
 @click.option("--readout", default=None, help="Readout name or XML, if the file does not record one.")
-@click.option("--max-showers", default=20000, show_default=True)
+@click.option("--max-showers", type=_POSITIVE, default=20000, show_default=True)
 def show(path, out_png, readout, max_showers) -> None:
     """Plot a file's mean longitudinal and radial profiles and E_tot/E_inc per incident energy."""
     from showers.errors import ShowerDataError
@@ -348,10 +389,12 @@ def _register(run_dir, campaign=None, region=None) -> None:
 
     try:
         pub = publish(run_dir, campaign=campaign, region=region)
-    except (ParityError, FileNotFoundError) as exc:
+    except (ParityError, FileNotFoundError, LookupError, ValueError) as exc:  # a truncated checkpoint: ValueError
         _fail(exc)
     what = "already registered as" if pub.existing else "registered"
-    click.echo(f"{what} {pub.name} v{pub.version} (iteration {pub.iteration}, chi2 sum "
+    crit = pub.metrics.get("criterion")  # best-epoch criterion (validate.metrics); absent in older runs
+    click.echo(f"{what} {pub.name} v{pub.version} (iteration {pub.iteration}, "
+               + (f"criterion {crit:.3g}, " if crit is not None else "") + f"chi2 sum "
                f"{pub.metrics['chi2_sum']:.1f}); {pub.decision}" + (" -> @champion" if pub.champion else ""))
 
 
@@ -369,11 +412,11 @@ def register(run_dir, campaign, region) -> None:
 @main.command()
 @click.argument("ref", metavar="NAME[@ALIAS|@VERSION]")
 @click.option("--energies", required=True, help="Incident energies in GeV, comma-separated.")
-@click.option("-n", "--n-per-energy", default=1000, show_default=True)
+@click.option("-n", "--n-per-energy", type=_POSITIVE, default=1000, show_default=True)
 @click.option("--angle", type=float, default=None, help="Incident angle in degrees (models conditioned on it).")
 @click.option("--geometry", default=None, help="Geometry name (multi-geometry models).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=10_000, show_default=True)
+@click.option("--batch-size", type=_POSITIVE, default=10_000, show_default=True)
 @click.option("--allow-extrapolation", is_flag=True, help="Allow conditions outside the trained range.")
 @click.option("--offline", is_flag=True, help="Use the local cache only.")
 @click.option("-o", "--out", "out_h5", required=True, help="CaloChallenge HDF5 file to write.")
@@ -383,11 +426,12 @@ def generate(ref, energies, n_per_energy, angle, geometry, seed, batch_size, all
     import numpy as np
 
     from registry.pull import RegistryError, pull
-    from showers.formats import CaloChallengeWriter
+    from showers.formats import CaloChallengeWriter, check_output_path
 
     try:
-        gen = pull(ref, offline=offline)
         e = np.repeat(np.asarray(_energies(energies)), n_per_energy)
+        check_output_path(out_h5)  # before the model is pulled and the showers generated
+        gen = pull(ref, offline=offline)
         showers = gen.generate(e, angle, geometry, seed=seed, batch_size=batch_size,
                                allow_extrapolation=allow_extrapolation, progress=len(e) > batch_size)
     except (RegistryError, ValueError) as exc:
@@ -423,35 +467,42 @@ def mlflow_server(host, port, backend_store_uri, artifacts_destination) -> None:
 
 @main.command("mlflow-sync")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def mlflow_sync(run_dir) -> None:
-    """Log what a run could not log while its tracking server was away."""
-    from registry.tracking import flush_pending
+@click.option("--tracking-uri", default=None,
+              help="Log into this store instead of the one the run recorded when it started (the shell's "
+                   "MLFLOW_TRACKING_URI is not used).")
+def mlflow_sync(run_dir, tracking_uri) -> None:
+    """Log what a run could not log while its tracking server was away, into the store it was
+    tracked in."""
+    from registry.tracking import flush_pending, pending_count, recorded_run
 
-    left = flush_pending(run_dir)
+    try:
+        before = pending_count(run_dir)
+        left = flush_pending(run_dir, uri=tracking_uri)
+        where = tracking_uri or recorded_run(run_dir).get("tracking_uri")
+    except ValueError as exc:
+        _fail(exc)
     if left:
-        _fail(RuntimeError(f"{left} operations still pending in {run_dir}: is the server up?"))
-    click.echo(f"{run_dir}: everything logged")
+        _fail(RuntimeError(f"{left} operations still pending in {run_dir}: is the server at {where} up?"))
+    click.echo(f"{run_dir}: {before} pending operations logged to {where}" if before
+               else f"{run_dir}: nothing was pending")
 
 
 @main.command()
 @click.option("--filter", "pattern", default=None, help="Only names containing this.")
-def models(pattern) -> None:
+@click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Seconds to wait for the tracking server per request.")
+def models(pattern, timeout) -> None:
     """List the registered models, their versions and champions."""
-    from registry.tracking import get_client, quick_http
+    from registry.pull import RegistryError, list_models
 
-    client = get_client()
-    with quick_http():
-        found = client.search_registered_models(max_results=1000)
-    for m in sorted(found, key=lambda m: m.name):
-        if pattern and pattern not in m.name:
-            continue
-        aliases = dict(getattr(m, "aliases", {}) or {})
-        with quick_http():
-            versions = client.search_model_versions(f"name = '{m.name}'")
-        champ = aliases.get("champion")
-        metric = next((v.tags.get("val_chi2_sum") for v in versions if str(v.version) == str(champ)), None)
-        click.echo(f"{m.name:50s} {len(versions):3d} versions  champion: "
-                   + (f"v{champ} (val chi2 sum {float(metric):.4g})" if champ and metric else "none"))
+    try:
+        rows = list_models(pattern, timeout=timeout)
+    except RegistryError as exc:
+        _fail(exc)
+    for r in rows:
+        champ, metric = r["champion"], r["chi2_sum"]
+        click.echo(f"{r['name']:50s} {r['versions']:3d} version{'s' if r['versions'] != 1 else ' '}  champion: "
+                   + (f"v{champ} (val chi2 sum {metric:.4g})" if champ and metric is not None else "none"))
 
 
 @main.command()
@@ -481,7 +532,7 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
     """Train one MODEL per detector region on Ray Train workers, as banks of stacked models."""
     import dataclasses
 
-    from calozoo.tracked import run_tracked_fleet
+    from calozoo.tracked import run_labels, run_tracked_fleet
     from showers.campaign import list_regions
     from showers.errors import ShowerDataError
     from trainers.fleet import FleetConfig, check_config, run_fleet
@@ -492,13 +543,18 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
                           init_checkpoint=str(Path(init_checkpoint).resolve()) if init_checkpoint else None,
                           train=dataclasses.replace(train, progress=False), split=split)
         check_config(cfg)  # in seconds, before any Ray worker starts
+        if cfg.init_checkpoint:  # a truncated or foreign --init, named here rather than inside a worker
+            from zoo.checkpoint import load_checkpoint
+
+            load_checkpoint(cfg.init_checkpoint)
     except (ShowerDataError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         _fail(exc)
     click.echo(f"fleet of {len(cfg.regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")
     run = dict(num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
                threads_per_worker=cpus_per_worker)
     if use_mlflow:
-        summary, _ = run_tracked_fleet(cfg, campaign=campaign or Path(data_dir).resolve().name, plots=plots, **run)
+        # the same campaign name as `calozoo train` on the same data (its files' campaign or detector)
+        summary, _ = run_tracked_fleet(cfg, campaign=campaign or run_labels(data_dir)[0], plots=plots, **run)
     else:
         summary = run_fleet(cfg, **run)
     done = {r: b for r, b in summary["regions"].items() if b}
@@ -579,7 +635,8 @@ _VALIDATE_OPTIONS = [
     click.option("--classifier", type=click.Choice(["tiny", "cpu", "full", "none"]), default="cpu", show_default=True,
                  help="Classifier size: tiny (tests), cpu, full (the CaloChallenge's 3x512, 50 epochs; use --gpu)."),
     click.option("--epochs", type=int, default=None, help="Override the classifier's number of epochs."),
-    click.option("--max-showers", default=50_000, show_default=True, help="At most this many showers per file."),
+    click.option("--max-showers", type=_POSITIVE, default=50_000, show_default=True,
+                 help="At most this many showers per file."),
     click.option("--per-layer/--no-per-layer", default=True, show_default=True,
                  help="Histogram every layer's energy, centres, widths and sparsity."),
     click.option("--distances/--no-distances", default=True, show_default=True, help="FPD and KPD."),
@@ -599,7 +656,8 @@ def _with_validate_options(fn):
 @click.option("-o", "--out", "out_dir", default=None, help="Report folder (default: GENERATED's name + '-validation').")
 @click.option("--readout", default=None, help="Readout name, if the files do not record one.")
 @_with_validate_options
-@click.option("--labels", nargs=2, default=("Geant4", "calozoo"), show_default=True, help="Names of REFERENCE, GENERATED.")
+@click.option("--labels", nargs=2, default=None,
+              help="Names of REFERENCE, GENERATED (default: what made each file, from its attributes).")
 @click.option("--mlflow", "use_mlflow", is_flag=True, help="Log the report to MLflow (a new run, or --run-id).")
 @click.option("--run-id", default=None, help="Log into this MLflow run (e.g. the model's training run).")
 def validate(generated, reference, out_dir, readout, classifier, epochs, max_showers, per_layer, distances, gpu, labels,

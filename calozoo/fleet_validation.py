@@ -10,10 +10,12 @@ region without a champion, or whose validation failed, fails the thresholds.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from registry.pull import RegistryError, pull, registered_name
 from showers.campaign import list_regions
+from showers.formats import source_label
 from validate.fleet import DEFAULT_THRESHOLDS, parse_threshold, write_summary
 from validate.report import ValidateConfig, read_sample, validate_samples
 
@@ -44,7 +46,9 @@ def validate_fleet(campaign: str, family: str, reference_dir, out_dir, *, region
             showers = gen.generate(e, seed=seed, allow_extrapolation=True)
             if showers.shape[1] != readout.n_voxels:
                 raise ValueError(f"{name} has {showers.shape[1]} voxels, the reference {readout.n_voxels}")
-            m = validate_samples(e, showers, e, ref, readout, out / region, cfg, title=f"{name} v{gen.version}",
+            labels = (source_label(Path(reference_dir) / f"{region}.h5"), f"{name}@{alias}")
+            m = validate_samples(e, showers, e, ref, readout, out / region, dataclasses.replace(cfg, labels=labels),
+                                 title=f"{name} v{gen.version}",
                                  names=(f"{name}@{alias} (v{gen.version})", f"{region}.h5"))
             rows.append({"region": region, "model": m["generated"], **m["headline"]})
         except (RegistryError, ValueError, OSError) as exc:

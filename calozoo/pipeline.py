@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,9 +175,12 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
     det = get_detector("atlas-like")
     regions = det.select([f"{p}_eta_{s}" for p in sc.particles for s in sc.eta_slices])
     names = [r.name for r in regions]
+    from showers.localray import init_ray
+
+    # a local Ray on loopback only (or the cluster RAY_ADDRESS names, as a plain ray.init would)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=num_cpus or max(2, sc.workers), include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=num_cpus or max(2, sc.workers), log_to_driver=False)
     try:
         stage("simulate", f"{len(regions)} regions ({', '.join(names)}), {len(sc.energies_mev)} energies, "
                           f"{sc.n_train} + {sc.n_reference} held-out showers per energy, on Ray")
@@ -267,7 +271,8 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
               "seconds": seconds}
     (out / "demo.json").write_text(json.dumps(result, indent=1, default=float))
     db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
-    ui = (f"calozoo mlflow --backend-store-uri {uri} --artifacts-destination {Path(db).parent / 'mlartifacts'}"
+    cli = Path(sys.executable).parent / "calozoo"  # the venv's command: bare `calozoo` may not be on PATH
+    ui = (f"{cli} mlflow --backend-store-uri {uri} --artifacts-destination {Path(db).parent / 'mlartifacts'}"
           if db else f"open {uri}")
     echo(f"  the pulled champion against held-out showers: classifier AUC {h.get('auc_low', float('nan')):.3f} "
          f"(voxels), {h.get('auc_high', float('nan')):.3f} (high-level); FPD {h['fpd']:.3g} ± {h['fpd_error']:.2g}; "
@@ -277,5 +282,7 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
     echo(f"  fleet table:   {result['fleet_summary']} ({len(result['fleet_failing'])} of {len(rows)} regions "
          "failing its thresholds)")
     echo(f"  MLflow UI:     {ui}   (then http://127.0.0.1:5000)")
+    echo(f"  registry:      export MLFLOW_TRACKING_URI={uri}   (then `{cli} models`, `{cli} generate ...`; "
+         f"or `{cli} --tracking-uri {uri} models`)")
     echo(f"  done in {seconds:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage.times.items()))
     return result

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from registry.tracking import PENDING, RUN_FILE, TrackedRun, get_client, get_experiment_id, quick_http
-from showers.formats import file_attrs
+from showers.formats import file_attrs, source_label
 from trainers.data import ShowerData
 from trainers.fleet import FleetConfig, run_fleet
 from trainers.loop import TrainConfig, TrainResult, train, validate
@@ -58,12 +58,13 @@ def model_params(model: ShowerModel) -> dict:
 
 
 def best_tags(run_dir) -> dict:
-    """The best kept checkpoint by FastCaloGAN's criterion, as run tags."""
+    """The best kept checkpoint (by the validation criterion, ``validate.metrics``), as run tags."""
     best = CheckpointManager(Path(run_dir) / "checkpoints").best()
     if best is None:
         return {}
     m = best["metrics"]
     return {"best_iteration": best["iteration"], "best_chi2_sum": f"{m['chi2_sum']:.6g}",
+            **({"best_criterion": f"{m['criterion']:.6g}"} if "criterion" in m else {}),
             "best_chi2_ndf": f"{m['chi2_ndf']:.6g}", "best_sep_power": f"{m['sep_power']:.6g}"}
 
 
@@ -75,8 +76,10 @@ def validation_plot(run_dir, val_data: ShowerData, title: str = "") -> Path | No
     model = model_from_checkpoint(load_checkpoint(Path(run_dir) / "checkpoints" / best["file"]))
     _, fake = validate(model, val_data)
     n = len(fake)
+    source = val_data.source.split(",")[0]
+    reference = source_label(source) if Path(source).is_file() else "validation showers"
     return plot_comparison(fake, val_data.energy[:n], val_data.showers[:n], val_data.energy[:n], val_data.readout,
-                           Path(run_dir) / "plots" / "validation.png",
+                           Path(run_dir) / "plots" / "validation.png", labels=(reference, model.variant),
                            title=title or f"{model.variant}, iteration {best['iteration']}")
 
 

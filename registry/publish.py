@@ -1,8 +1,10 @@
 """From a finished training run to a registered model: best epoch, ONNX export, parity gate,
 registration, and the ``champion`` alias.
 
-1. **Best epoch**: the kept checkpoint with the smallest FastCaloGAN criterion (``chi2_sum``: the sum
-   over incident-energy points of the χ² of E_tot/E_inc, ``validate.metrics``).
+1. **Best epoch**: the kept checkpoint with the smallest validation ``criterion`` (the sum of the
+   χ²/ndf of E_tot/E_inc, of the layer energies and of the per-layer centres and widths, summed over
+   incident-energy points, ``validate.metrics``; ``chi2_sum``, FastCaloGAN's criterion, is reported
+   with it), as ``zoo.checkpoint.CheckpointManager`` ranks them.
 2. **Export**: its inference graph, (noise, conditions) → voxel energies in MeV, dynamic batch axis,
    opset ``zoo.export.OPSET``, ``onnx.checker``; metadata_props carry everything a consumer needs
    (:func:`export_metadata`).
@@ -12,8 +14,10 @@ registration, and the ``champion`` alias.
    ``{campaign}.{family}.{region}``; the ONNX file is logged with MLflow's onnx flavour (so
    ``mlflow.pyfunc`` can load it too); registering the same checkpoint of the same run again returns
    the existing version.
-5. **Champion**: the new version takes the alias ``champion`` only if its validation metric beats the
-   current champion's; otherwise the reason is written as the version's tag ``champion_decision``.
+5. **Champion**: the new version takes the alias ``champion`` only if its validation criterion beats
+   the current champion's (a champion registered before the criterion existed, with only
+   ``val_chi2_sum``, is compared on ``chi2_sum``); otherwise the reason is written as the version's
+   tag ``champion_decision``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ __all__ = ["ALIAS", "ParityError", "Publication", "export_metadata", "parity_gat
 log = logging.getLogger("calozoo.registry")
 
 ALIAS = "champion"
-METRIC = "chi2_sum"  # smaller is better
+METRIC = "criterion"  # validate.metrics.CRITERION (registry may not import validate); smaller is better
+LEGACY_METRIC = "chi2_sum"  # what versions registered before the criterion were compared on
 
 
 class ParityError(RuntimeError):
@@ -116,11 +121,19 @@ def parity_gate(model: ShowerModel, onnx_path, trained_range: dict, n: int = 64,
     return {**parity, "rtol": rtol, "energy_range_mev": [float(lo), float(hi)]}
 
 
-def _version_metric(version) -> float:
+def _version_metric(version, metric: str = METRIC) -> float:
     try:
-        return float(version.tags.get("val_" + METRIC, "inf"))
+        return float(version.tags.get("val_" + metric, "inf"))
     except ValueError:
         return float("inf")
+
+
+def _comparable_metric(champ, best_metrics: dict) -> tuple[str, float]:
+    """The metric to compare a new version with the champion on, and the new version's value: the
+    criterion, or ``chi2_sum`` where the champion predates the criterion. The value is rounded as
+    the tags are (9 digits), so that the same model does not beat itself by rounding."""
+    key = LEGACY_METRIC if "val_" + METRIC not in champ.tags and "val_" + LEGACY_METRIC in champ.tags else METRIC
+    return key, float(f"{float(best_metrics.get(key, float('inf'))):.9g}")
 
 
 def _current_champion(client, name: str):
@@ -161,17 +174,18 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
     if not info_path.exists():
         raise FileNotFoundError(f"{run_dir}: no {RUN_FILE}; train with MLflow tracking (calozoo train) first")
     info = json.loads(info_path.read_text())
+    # the checkpoint first: a truncated or foreign one is refused (naming it) before the registry is asked
+    best = select_best(run_dir)
+    state = load_checkpoint(run_dir / "checkpoints" / best["file"])
     uri = tracking_uri(uri or info.get("tracking_uri"))
     client = get_client(uri)
     run = client.get_run(info["run_id"])
     campaign = campaign or run.data.tags.get("calozoo.campaign") or info.get("experiment", "default")
     region = region or run.data.tags.get("calozoo.region", "all")
 
-    best = select_best(run_dir)
-    state = load_checkpoint(run_dir / "checkpoints" / best["file"])
     model = model_from_checkpoint(state)
     name = registered_name(campaign, model.family, region)
-    metric = float(best["metrics"][METRIC])
+    metric = float(best["metrics"].get(METRIC, float("inf")))
     existing = _existing_version(client, name, run.info.run_id, best["iteration"])
     if existing is not None:
         champ = _current_champion(client, name)
@@ -189,6 +203,9 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
             info_model = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)), name="generator", save_as_external_data=False,
                 onnx_execution_providers=["CPUExecutionProvider"],
+                # what the graph needs is known (onnx, onnxruntime): MLflow's inference of it runs a
+                # subprocess that imports the model's modules, 10-15 s per registration on a CPU
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
                 metadata={k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in meta.items()})
             mlflow.set_tags({"registered_as": name, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}"})
 
@@ -200,6 +217,7 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
                 description=f"calozoo {model.family} generator for region {region} of campaign {campaign}: "
                             f"(noise, conditions) -> {model.n_voxels} voxel energies in MeV ({model.readout.name}).")
         tags = {"iteration": str(best["iteration"]), f"val_{METRIC}": f"{metric:.9g}",
+                f"val_{LEGACY_METRIC}": f"{best['metrics'][LEGACY_METRIC]:.9g}",
                 "val_chi2_ndf": f"{best['metrics']['chi2_ndf']:.6g}", "val_sep_power": f"{best['metrics']['sep_power']:.6g}",
                 "model": model.variant, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
                 "calozoo_version": __version__}
@@ -208,12 +226,12 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
     champ = _current_champion(client, name)
     if champ is None:
         crowned, decision = True, "first version"
-    elif metric < _version_metric(champ):
-        crowned, decision = True, f"beats v{champ.version}: val {METRIC} {metric:.4g} < {_version_metric(champ):.4g}"
     else:
-        crowned = False
-        decision = (f"not champion: val {METRIC} {metric:.4g} does not beat v{champ.version}'s "
-                    f"{_version_metric(champ):.4g}")
+        key, mine = _comparable_metric(champ, best["metrics"])
+        theirs = _version_metric(champ, key)
+        crowned = mine < theirs
+        decision = (f"beats v{champ.version}: val {key} {mine:.4g} < {theirs:.4g}" if crowned else
+                    f"not champion: val {key} {mine:.4g} does not beat v{champ.version}'s {theirs:.4g}")
     if crowned:
         client.set_registered_model_alias(name, ALIAS, version.version)
     client.set_model_version_tag(name, version.version, "champion_decision", decision)

@@ -77,7 +77,7 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     ref = ref.strip()
     if ref.startswith("models:/"):
         ref = ref[len("models:/"):]
-    m = re.fullmatch(r"(.+?)(?:@([A-Za-z_][\w\-]*|v?\d+)|/(\d+))?", ref)
+    m = re.fullmatch(r"(.+?)(?:@([A-Za-z_][\w\-]*|v?\d+)|/(\d+))?", ref, flags=re.DOTALL)
     if not m or not m.group(1):
         raise RegistryError(f"cannot read model reference {ref!r}: expected NAME, NAME@ALIAS or NAME@VERSION")
     name, at, slash = m.groups()

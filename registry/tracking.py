@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TrackedRun", "artifact_location", "flush_pending", "get_client", "get_experiment_id",
-           "quick_http", "tracking_uri"]
+           "pending_count", "quick_http", "recorded_run", "tracking_uri"]
 
 log = logging.getLogger("calozoo.registry")
 
@@ -157,8 +157,9 @@ class TrackedRun:
         self._params = _flat_params(params or {})
         self._tags = {k: str(v) for k, v in (tags or {}).items()}
         if start:  # flush_pending makes a run that only replays what is pending
+            # the store is recorded with the start, so a later replay goes there and nowhere else
             self._do({"op": "start", "name": name, "experiment": experiment, "params": self._params,
-                      "tags": self._tags, "parent_run_id": parent_run_id})
+                      "tags": self._tags, "parent_run_id": parent_run_id, "tracking_uri": self.uri})
 
     # -- the guard ------------------------------------------------------------------------------------
     @property
@@ -166,9 +167,7 @@ class TrackedRun:
         return self.run_dir / PENDING
 
     def pending(self) -> list[dict]:
-        if not self.pending_path.exists():
-            return []
-        return [json.loads(line) for line in self.pending_path.read_text().splitlines() if line.strip()]
+        return _read_pending(self.pending_path)
 
     def _queue(self, op: dict) -> None:
         with self.pending_path.open("a") as f:
@@ -306,20 +305,67 @@ class TrackedRun:
         return not self.pending_path.exists()
 
 
-def flush_pending(run_dir, uri: str | None = None) -> int:
-    """Replay a run folder's pending MLflow operations; returns how many are left (0: all logged)."""
+def _read_pending(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    ops = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            op = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {i} is not a pending MLflow operation ({exc})") from None
+        if not isinstance(op, dict) or "op" not in op:
+            raise ValueError(f"{path}: line {i} is not a pending MLflow operation (no 'op')")
+        ops.append(op)
+    return ops
+
+
+def recorded_run(run_dir) -> dict:
+    """What a run folder recorded of its MLflow run ({} if nothing): ``mlflow-run.json`` (run id,
+    tracking URI, name, experiment), completed by the pending start (the server was away)."""
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
+    info = {}
+    if (run_dir / RUN_FILE).exists():
+        try:
+            info = json.loads((run_dir / RUN_FILE).read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise ValueError(f"{run_dir / RUN_FILE}: not a run record ({exc})") from None
+    start = next((o for o in _read_pending(run_dir / PENDING) if o["op"] == "start"), {})
+    for key in ("name", "experiment", "tracking_uri"):
+        if not info.get(key) and start.get(key):
+            info[key] = start[key]
+    return info
+
+
+def pending_count(run_dir) -> int:
+    """How many MLflow operations a run folder holds that are not logged yet."""
+    return len(_read_pending(Path(run_dir) / PENDING))
+
+
+def flush_pending(run_dir, uri: str | None = None) -> int:
+    """Replay a run folder's pending MLflow operations into the store the run recorded when it
+    started (``uri``: another store, chosen explicitly; the shell's ``MLFLOW_TRACKING_URI`` is not
+    asked). Returns how many are left (0: all logged). Refuses a folder that is not a tracked run's,
+    and a run that recorded no store when no ``uri`` is given."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).exists() and not (run_dir / PENDING).exists():
+        raise ValueError(f"{run_dir}: not a tracked run folder (no {RUN_FILE} or {PENDING}): nothing to log")
+    info = recorded_run(run_dir)
     if not (run_dir / PENDING).exists():
         return 0
-    ops = [json.loads(line) for line in (run_dir / PENDING).read_text().splitlines() if line.strip()]
-    start = next((o for o in ops if o["op"] == "start"), {})
-    name = info.get("name") or start.get("name")
-    experiment = info.get("experiment") or start.get("experiment")
+    start = next((o for o in _read_pending(run_dir / PENDING) if o["op"] == "start"), {})
+    name, experiment = info.get("name"), info.get("experiment")
     if not name or not experiment:
         raise ValueError(f"{run_dir}: no {RUN_FILE} and no recorded run name; cannot replay {PENDING}")
+    target = uri or info.get("tracking_uri")
+    if not target:
+        raise ValueError(f"{run_dir}: the run did not record its tracking store (an older calozoo); say where to "
+                         "log it with --tracking-uri")
     run = TrackedRun(name, experiment, run_dir, params=start.get("params"), tags=start.get("tags"),
-                     parent_run_id=start.get("parent_run_id"), uri=uri or info.get("tracking_uri"), retry_after=0.0,
-                     start=False)
+                     parent_run_id=start.get("parent_run_id"), uri=target, retry_after=0.0, start=False)
     run._replay()
     return len(run.pending())

@@ -8,7 +8,6 @@ file that exists is whole, and regions whose file exists with the same settings 
 from __future__ import annotations
 
 import fnmatch
-import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from showers import __version__
+from showers.atomic import remove_stale
 from showers.detector import Region
 from showers.errors import ShowerDataError
 from showers.formats import CaloChallengeWriter, file_attrs
@@ -133,6 +133,7 @@ def run_campaign(regions: list[Region], out_dir, spec: CampaignSpec, address: st
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale(out_dir, "*.h5.*")  # the temporary files of a campaign killed here before
     todo, results = [], []
     for region in regions:  # check existing files before starting any worker: fail fast
         if not overwrite and _is_done(region_path(out_dir, region), region, spec):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import matplotlib
 import matplotlib.style
 import mplhep
@@ -21,8 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from showers import observables as obs
-from showers.errors import ShowerDataError
-from showers.readout import Readout, get_readout, list_readouts
+from showers.formats import open_h5, read_strided, resolve_readout  # noqa: F401 - resolve_readout re-exported
+from showers.readout import Readout
 
 __all__ = ["energy_groups", "format_energy", "plot_file", "resolve_readout", "style_panels", "three_panels", "energy_colours"]
 
@@ -64,53 +63,13 @@ def energy_groups(incident_mev: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return groups
 
 
-def resolve_readout(readout, attrs, n_voxels: int, source) -> Readout:
-    """The readout of a file: ``readout`` if given, else the file's ``readout`` attribute (JSON),
-    else the one built-in readout with ``n_voxels`` voxels; ShowerDataError when none or several fit.
-    """
-    if readout is not None:
-        readout = get_readout(readout)
-    elif "readout" in attrs:
-        text = attrs["readout"]
-        readout = Readout.from_json(text.decode() if isinstance(text, bytes) else str(text))
-    else:
-        fits = [name for name in list_readouts() if get_readout(name).n_voxels == n_voxels]
-        if len(fits) != 1:
-            which = f"several built-in readouts fit ({', '.join(fits)})" if fits else "no built-in readout fits"
-            raise ShowerDataError(source, f"no 'readout' attribute and {which} {n_voxels} voxels; pass readout=")
-        readout = get_readout(fits[0])
-    if readout.n_voxels != n_voxels:
-        raise ShowerDataError(source, f"readout {readout.name!r} has {readout.n_voxels} voxels, "
-                              f"the showers {n_voxels}", dataset="showers")
-    return readout
-
-
 def _read(path: Path, readout, max_showers: int):
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ShowerDataError(path, f"not a readable HDF5 file: {exc}") from exc
-    with f:
-        for name in ("incident_energies", "showers"):
-            if name not in f:
-                raise ShowerDataError(path, "dataset missing", dataset=name)
-        ds_e, ds_s = f["incident_energies"], f["showers"]
-        if ds_s.ndim != 2:
-            raise ShowerDataError(path, f"expected (N, n_voxels), got shape {ds_s.shape}", dataset="showers")
-        n = ds_s.shape[0]
-        if ds_e.shape[0] != n:
-            raise ShowerDataError(path, f"{ds_e.shape[0]} energies for {n} showers", dataset="incident_energies")
-        readout = resolve_readout(readout, f.attrs, ds_s.shape[1], path)
-        # A stride rather than the first max_showers, so that a file sorted by energy still shows
-        # all its energies.
-        step = max(1, -(-n // max_showers))
-        showers = ds_s[::step]
-        incident = np.asarray(ds_e[::step], dtype=np.float64).reshape(-1)
+    """The file's showers (at most ``max_showers``, evenly strided), through the same validated
+    reader as training and validation (``showers.formats.read_strided``): negative voxels, GeV
+    energies, fill-value rows and the rest are refused, naming the file."""
+    incident, showers, readout, n = read_strided(path, readout, max_showers)
+    with open_h5(path) as f:
         x0 = float(f.attrs["x0_mm"]) if "x0_mm" in f.attrs else None
-    if showers.shape[0] == 0:
-        raise ShowerDataError(path, "no showers", dataset="showers")
-    if not (np.all(np.isfinite(incident)) and np.all(incident > 0)):
-        raise ShowerDataError(path, "incident energies must be finite and > 0", dataset="incident_energies")
     return showers, incident, readout, x0, n
 
 

@@ -65,7 +65,15 @@ def _logit(x):
 
 
 def _sigmoid(x):
-    return x.sigmoid() if _is_torch(x) else special.expit(x)
+    if not _is_torch(x):
+        return special.expit(x)
+    # exp(x) / (1 + exp(x)) for x < 0, not x.sigmoid(): the exported graph would use ONNX Runtime's
+    # Sigmoid, 100 % off below x = -17 (zoo.base.sigmoid, the same formula, has the measurements)
+    import torch
+
+    neg = x < 0
+    e = torch.exp(torch.where(neg, x, -x))
+    return torch.where(neg, e, torch.ones_like(e)) / (1.0 + e)
 
 
 def _per_shower(e, like):

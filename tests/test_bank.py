@@ -17,6 +17,7 @@ from zoo.checkpoint import CheckpointManager, load_checkpoint
 from zoo.fastcalogan import for_region
 
 SEEDS = [11, 12, 13]
+LOSSES = {"loss", "reconstruction", "kl", "nll_zero", "nll_energy"}
 
 # small enough for a 2-core CPU, the same architecture otherwise
 SMALL = {
@@ -134,8 +135,9 @@ def test_bank_of_three_equals_three_trainings(name, tmp_path):
         a, b = final_state(tmp_path / f"single{j}"), final_state(tmp_path / f"bank{j}")
         assert a["iteration"] == b["iteration"] == steps
         assert_parameters_agree(a["model"], b["model"], lr, steps, f"{name} model {j}")
-        for ha, hb in zip(a["history"], b["history"]):  # the losses and metrics of every checkpoint
-            for key in ha:
+        for ha, hb in zip(a["history"], b["history"]):  # the losses of every checkpoint
+            # (not the validation metrics: histogram χ² jump when a value crosses a bin edge)
+            for key in [k for k in ha if k in LOSSES or k.startswith(("critic_", "generator_"))]:
                 assert hb[key] == pytest.approx(ha[key], rel=1e-3, abs=1e-3), f"{name} model {j} {key}"
         # the models passed in hold the final weights
         for key, value in models[j].state_dict().items():

@@ -72,7 +72,7 @@ def test_missing_dataset_and_mismatched_readout_are_named(tmp_path):
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("showers", data=np.zeros((2, SMALL.n_voxels)))
-    with pytest.raises(ShowerDataError, match=r"\[incident_energies\]: dataset missing"):
+    with pytest.raises(ShowerDataError, match=r"\[incident_energies\]: dataset 'incident_energies' is missing"):
         plot_file(path, tmp_path / "bad.png")
     path = _write(tmp_path / "mismatch.h5", np.zeros((2, SMALL.n_voxels)), [1e3, 1e3])
     with pytest.raises(ShowerDataError, match="g4-pbwo4.*6480"):

@@ -149,7 +149,7 @@ def test_champion_moves_only_when_beaten(split, store, tmp_path):
     runs = {}
     for seed in (0, 1):
         train_run(split, tmp_path / f"run{seed}", store, seed=seed, iterations=40, every=20)
-        runs[seed] = CheckpointManager(tmp_path / f"run{seed}" / "checkpoints").best()["metrics"]["chi2_sum"]
+        runs[seed] = CheckpointManager(tmp_path / f"run{seed}" / "checkpoints").best()["metrics"]["criterion"]
     assert runs[0] != runs[1], "the two seeds should give different models"
     worse, better = sorted(runs, key=runs.get, reverse=True)
     first = publish(tmp_path / f"run{worse}")

@@ -50,7 +50,7 @@ def test_checkpoints_stay_bounded(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=5)
     values = [9, 3, 7, 1, 8, 2, 6, 5, 4, 10, 11]
     for i, v in enumerate(values, start=1):
-        mgr.save({"x": torch.tensor(float(v))}, i * 100, {"chi2_sum": float(v)})
+        mgr.save({"x": torch.tensor(float(v))}, i * 100, {"criterion": float(v)})
         assert len(list(tmp_path.glob("*.pt"))) <= 5
     kept = sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("*.pt"))
     # the best four (1, 2, 3, 4 at iterations 400, 600, 200, 900) and the latest (1100)
@@ -65,7 +65,7 @@ def test_a_tie_goes_to_the_later_checkpoint(tmp_path):
     checkpoint): the later one, trained longer, is the best."""
     mgr = CheckpointManager(tmp_path, keep=3)
     for it, v in ((100, 2.0), (200, 1.0), (300, 1.0), (400, 3.0)):
-        mgr.save({"x": torch.tensor(0.0)}, it, {"chi2_sum": v})
+        mgr.save({"x": torch.tensor(0.0)}, it, {"criterion": v})
     assert mgr.best()["iteration"] == 300
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,24 @@ def test_summary_is_rebuilt_from_the_region_reports(samples, tmp_path):
     validate_samples(e, 0.8 * x2, e, x1, readout, tmp_path / "bad", cfg)
     rows = summarise(tmp_path)
     assert {r["region"]: bool(r["fails"]) for r in rows} == {"good": False, "bad": True}
+
+
+def test_labels_come_from_the_files_provenance(samples, tmp_path):
+    """A figure says what it shows: Geant4 only for Geant4 files, the simulator for its showers, the
+    model for generated ones; `calozoo validate` takes them from the files unless --labels says."""
+    from showers.formats import source_label, write_calochallenge
+
+    readout, e, x1, x2 = samples
+    sim = tmp_path / "sim.h5"
+    write_calochallenge(sim, e, x1, {"readout": readout, "generator": "calozoo.showers.simulator"})
+    gen = tmp_path / "gen.h5"
+    write_calochallenge(gen, e, x2, {"readout": readout, "generator": "calozoo:demo.fastcalogan.r1@v3"})
+    assert source_label(Path(__file__).parent / "fixtures" / "g4_pbwo4_electrons_reduced.h5") == "Geant4"
+    assert source_label(sim) == "simulator" and source_label(gen) == "demo.fastcalogan.r1@v3"
+    assert source_label(_write(tmp_path / "plain.h5", e, x1, readout)) == "plain.h5"
+    out = tmp_path / "report"
+    r = CliRunner().invoke(main, ["validate", str(gen), str(sim), "-o", str(out), "--classifier", "none",
+                                  "--no-per-layer", "--no-distances"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "metrics.json").read_text())["labels"] == ["simulator", "demo.fastcalogan.r1@v3"]
+    assert "Geant4" not in (out / "report.md").read_text()

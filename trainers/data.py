@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from showers.errors import ShowerDataError
-from showers.formats import file_attrs, file_readout, iter_calochallenge
+from showers.formats import check_memory, file_attrs, file_readout, iter_calochallenge, open_h5
 from showers.readout import Readout, get_readout
 
 __all__ = ["DataSplit", "ShowerData", "load_showers", "split_validation", "energy_points"]
@@ -71,6 +71,17 @@ def load_showers(path, readout=None, max_showers: int | None = None) -> ShowerDa
     ro = get_readout(readout) if readout is not None else file_readout(files[0])
     if ro is None:
         raise ShowerDataError(files[0], "the file records no readout: give one (--readout)")
+    if max_showers is not None and (isinstance(max_showers, bool) or not isinstance(max_showers, int)
+                                    or max_showers < 1):
+        raise ValueError(f"max_showers must be a whole number >= 1 or None, got {max_showers!r}")
+    total = 0
+    for f in files:  # what the files claim, before anything is read: N = 0, or more than memory holds
+        with open_h5(f) as h5:
+            n = int(h5["showers"].shape[0]) if "showers" in h5 and h5["showers"].ndim == 2 else None
+        if n == 0:
+            raise ShowerDataError(f, "no showers (N = 0): nothing to train on", "showers")
+        total += n or 0
+    check_memory(min(total, max_showers or total), ro.n_voxels, path if len(files) > 1 else files[0])
     es, xs, angles = [], [], []
     for f in files:
         attrs = file_attrs(f)

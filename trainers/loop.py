@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from trainers.bank import Bank, bank_groups
 from trainers.data import ShowerData, energy_points
-from validate.metrics import etot_chi2
+from validate.metrics import checkpoint_metrics
 from zoo.base import ShowerModel
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 
@@ -127,13 +127,15 @@ def _device(name: str) -> torch.device:
 
 @torch.no_grad()
 def validate(model: ShowerModel, val: ShowerData, n_max: int = 20000, seed: int = 12345) -> tuple[dict, np.ndarray]:
-    """Generate showers at the validation set's conditions and compare (FastCaloGAN's χ² sum)."""
+    """Generate showers at the validation set's conditions and compare them with the validation showers
+    (``validate.metrics.checkpoint_metrics``: FastCaloGAN's χ² of E_tot, the per-layer energies, centres
+    and widths, and the criterion the checkpoints are ranked by)."""
     idx = np.arange(min(len(val), n_max))
     gen = torch.Generator(device=model.device).manual_seed(seed)
     geometry = None if val.geometry is None else list(val.geometry[idx])
     angle = None if val.angle is None else val.angle[idx]
     fake = model.sample(val.energy[idx], angle, geometry, generator=gen, ignore_unused=True).float().cpu().numpy()
-    return etot_chi2(fake, val.energy[idx], val.showers[idx], val.energy[idx]), fake
+    return checkpoint_metrics(fake, val.energy[idx], val.showers[idx], val.energy[idx], val.readout), fake
 
 
 def train(model: ShowerModel, train_data: ShowerData, val_data: ShowerData, cfg: TrainConfig, out_dir,

@@ -1,4 +1,5 @@
-"""FullSim-against-MLSim plots: the reference (Geant4) as solid lines, the model as dashed lines.
+"""FullSim-against-MLSim plots: the reference (Geant4 or the simulator) as solid lines, the model
+as dashed lines.
 
 :func:`plot_comparison` draws, for up to ``max_energies`` incident energies, the mean longitudinal
 and radial profiles with their ratios, and the response and resolution against the incident energy,
@@ -43,7 +44,7 @@ def _response(sample, energy, groups, readout, offset: int):
 
 
 def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png, *, title: str = "",
-                    labels: tuple[str, str] = ("Geant4", "calozoo"), max_energies: int = 4,
+                    labels: tuple[str, str] = ("reference", "generated"), max_energies: int = 4,
                     x0_mm: float | None = None, notes: str = "") -> Path:
     """Write a PNG comparing generated showers ``gen`` (N, n_voxels) MeV at ``gen_energy`` (N,) MeV
     with reference showers ``ref`` at ``ref_energy``; return its path.
@@ -143,7 +144,7 @@ def plot_comparison(gen, gen_energy, ref, ref_energy, readout: Readout, out_png,
     return out_png
 
 
-def plot_features(comparisons, out_png, *, title: str = "", labels: tuple[str, str] = ("Geant4", "calozoo"),
+def plot_features(comparisons, out_png, *, title: str = "", labels: tuple[str, str] = ("reference", "generated"),
                   ncols: int = 6) -> Path:
     """A grid of histograms, one panel per :class:`validate.features.FeatureComparison`: the
     reference solid, the generated dashed, both normalised to unit area, with the separation power
@@ -158,11 +159,12 @@ def plot_features(comparisons, out_png, *, title: str = "", labels: tuple[str, s
     # Matplotlib's plain style, no tight layout: ROOT-style minor ticks and a layout pass over dozens
     # of small panels made this 20 times slower.
     with matplotlib.style.context("default"):
-        fig = Figure(figsize=(3.6 * ncols, 2.9 * nrows))
+        # at least 6.4 in wide, so that a figure of one or two panels has room for its title and legend
+        fig = Figure(figsize=(max(3.6 * ncols, 6.4), 2.9 * nrows + 0.5))
         FigureCanvasAgg(fig)
         axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-        fig.subplots_adjust(left=0.04, right=0.99, bottom=0.16 / nrows, top=1 - 0.22 / nrows, wspace=0.25,
-                            hspace=0.55)
+        fig.subplots_adjust(left=0.06, right=0.99, bottom=0.5 / fig.get_figheight(), top=1 - 0.95 / fig.get_figheight(),
+                            wspace=0.25, hspace=0.55)
         for ax, c in zip(axes, comparisons):
             # Fractions per bin (what the separation power compares); log x for log-spaced bins.
             ax.stairs(c.ref / c.ref.sum(), c.edges, color="k", lw=1.5, label=labels[0])
@@ -179,9 +181,11 @@ def plot_features(comparisons, out_png, *, title: str = "", labels: tuple[str, s
                     transform=ax.transAxes, fontsize=8, color="tab:red" if c.sep_power > 0.1 else "k")
         for ax in axes[len(comparisons):]:
             ax.axis("off")
-        if comparisons:
-            fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncols=2, fontsize=9, frameon=False)
+        if comparisons:  # under the title, never over it
+            fig.legend(*axes[0].get_legend_handles_labels(), loc="upper left", ncols=2, fontsize=9, frameon=False,
+                       bbox_to_anchor=(0.02, 1 - 0.3 / fig.get_figheight()))
         if title:
             fig.suptitle(title, fontsize=11, x=0.02, ha="left")
-        fig.savefig(out_png, dpi=60)
+        # a grid of dozens of panels stays light at 60 dpi; a few panels are drawn sharp enough to read
+        fig.savefig(out_png, dpi=60 if nrows * ncols > 12 else 100)
     return out_png

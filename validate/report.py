@@ -18,6 +18,7 @@ write to ``out_dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,9 +29,8 @@ import numpy as np
 
 from showers import __version__
 from showers.calibrate import core_bins
-from showers.errors import ShowerDataError
-from showers.formats import iter_calochallenge, open_h5
-from showers.plots import energy_groups, resolve_readout
+from showers.formats import read_strided, source_label
+from showers.plots import energy_groups
 from showers.readout import Readout
 from validate.classifier import (
     SIZES,
@@ -70,7 +70,7 @@ class ValidateConfig:
     plots: bool = True
     max_layers_drawn: int = 12
     seed: int = 0
-    labels: tuple[str, str] = ("Geant4", "calozoo")
+    labels: tuple[str, str] = ("reference", "generated")  # validate_files takes them from the files
     device: str = "cpu"
 
     def classifier_config(self) -> ClassifierConfig | None:
@@ -87,32 +87,15 @@ class ValidateConfig:
 def read_sample(path, readout=None, max_showers: int = 50_000, *,
                 data_checks: bool = True) -> tuple[np.ndarray, np.ndarray, Readout]:
     """(E (N,) MeV, showers (N, n_voxels) MeV, readout) of a CaloChallenge file, at most
-    ``max_showers`` rows evenly strided through it, streamed chunk by chunk; checked as every
-    reader checks (``ShowerDataError`` naming the file, the dataset and the problem).
+    ``max_showers`` rows evenly strided through it; only those rows are read (memory is bounded by
+    ``max_showers``, not by the file). Checked as every reader checks (``ShowerDataError`` naming
+    the file, the dataset and the problem): ``showers.formats.read_strided``.
 
     data_checks: also the checks meant for data (units, negative energies, E_tot/E_inc < 2); a
         generated file, which a poor model may fill with ten times the incident energy, is only
         checked for non-finite values."""
-    path = Path(path)
-    with open_h5(path) as f:
-        if "showers" not in f or f["showers"].ndim != 2:
-            raise ShowerDataError(path, "dataset missing or not (N, n_voxels)", dataset="showers")
-        n, width = f["showers"].shape
-        readout = resolve_readout(readout, f.attrs, width, path)
-    step = max(1, -(-n // max_showers))
-    es, xs, first = [], [], 0
-    chunks = iter_calochallenge(path, readout=readout, chunk_size=max(step, 10_000 - 10_000 % step),
-                                validate=data_checks)
-    for e, x in chunks:
-        if not data_checks and not (np.isfinite(x).all() and np.isfinite(e).all()):
-            raise ShowerDataError(path, f"non-finite values in rows {first}-{first + len(e) - 1}", dataset="showers")
-        offset = (-first) % step
-        es.append(e[offset::step])
-        xs.append(x[offset::step])
-        first += len(e)
-    if not es:
-        raise ShowerDataError(path, "no showers", dataset="showers")
-    return np.concatenate(es), np.concatenate(xs), readout
+    e, x, readout, _ = read_strided(path, readout, max_showers, data_checks=data_checks)
+    return e, x, readout
 
 
 def _layers_to_draw(e_layer_ref: np.ndarray, n: int) -> set[int]:
@@ -188,7 +171,9 @@ def _markdown(m: dict, title: str) -> str:
     for r in m["per_energy"]:
         lines.append(f"| {r['energy_gev']:.4g} | {r['n_gen']} | {r['n_ref']} | {r['chi2_ndf']:.2f} | "
                      f"{r['sep_power']:.3f} | {100 * r['long_max_rel']:.1f}% | {100 * r['rad_max_rel']:.1f}% |")
-    lines += ["", "![profiles](profiles.png)", "", "## High-level features", "",
+    # the profiles figure is linked only where it was drawn (a fleet table's reports draw none)
+    lines += (["", "![profiles](profiles.png)"] if "profiles.png" in m.get("figures", []) else []) + [
+              "", "## High-level features", "",
               "Separation power ½ Σ (p−q)²/(p+q) of the normalised histograms and χ²/ndf, on the reference's binning.",
               "", "| feature | histograms | mean sep. power | worst | where | median χ²/ndf |", "|---|---|---|---|---|---|"]
     for r in m["feature_summary"]:
@@ -284,6 +269,8 @@ def validate_files(generated, reference, out_dir, cfg: ValidateConfig | None = N
                    progress=None) -> dict:
     """:func:`validate_samples` on two CaloChallenge-format HDF5 files of the same readout."""
     cfg = cfg or ValidateConfig()
+    if cfg.labels == ValidateConfig.labels:  # not given: what made each file, from its attributes
+        cfg = dataclasses.replace(cfg, labels=(source_label(reference), source_label(generated)))
     gen_e, gen_x, gen_ro = read_sample(generated, readout, cfg.max_showers, data_checks=False)
     # read with the generated file's readout: a reference of another width is refused, naming it
     ref_e, ref_x, ref_ro = read_sample(reference, readout or gen_ro, cfg.max_showers)

@@ -39,8 +39,8 @@ from torch import nn
 from showers.readout import Readout, get_readout
 from showers.transforms import ConditionSpec, build_transform, encode_conditions
 
-__all__ = ["NOISE_KINDS", "ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class",
-           "model_from_checkpoint", "normal_cdf"]
+__all__ = ["NOISE_KINDS", "ConfigError", "ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class",
+           "log1p", "model_from_checkpoint", "normal_cdf", "one_minus_exp_neg", "sigmoid"]
 
 #: how a training noise tensor is drawn: standard normal, or uniform on [0, 1)
 NOISE_KINDS = ("normal", "uniform")
@@ -253,14 +253,93 @@ def normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+# -- elementwise functions that ONNX Runtime computes as accurately as torch ----------------------------
+# An inference graph is only as exact as the runtime's kernels. Measured on ONNX Runtime 1.32's CPU
+# provider against float64 (tests/test_onnx_gate.py keeps the check): its ``Sigmoid`` is off by
+# 2e-4 relative at -10, +95 % at -16.9, and returns 0 below about -17 (torch: 1e-7 everywhere), and a
+# trained decoder feeds it such logits for most voxels of a shower; torch's ``log1p`` and ``expm1``
+# export as Log(1 + x) and Exp(x) - 1, off by 1e-5 at 1e-3 and by 100 % at 1e-9. ``Exp``, ``Log``,
+# ``Softplus``, ``Erf``, ``Div`` and ``Where`` are within 2e-7 relative over the whole float32 range.
+# So the graphs use the three functions below, written in those ops: each equals torch's own to float
+# rounding (a few 1e-8 relative), so training and the losses do not change, and ONNX Runtime gives the
+# same values to float rounding.
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + exp(-x)) as exp(x) / (1 + exp(x)) for x < 0: the exponential is never of a positive
+    number, so the result keeps its relative precision down to exp(x)'s (float32's smallest normal,
+    x ≈ -87) where ONNX Runtime's Sigmoid loses it below x ≈ -8. Gradients are sigmoid's (at 0 too)."""
+    neg = x < 0
+    e = torch.exp(torch.where(neg, x, -x))
+    return torch.where(neg, e, torch.ones_like(e)) / (1.0 + e)
+
+
+def log1p(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + x) to a few float32 ulps for small |x| (Goldberg's correction: log(u) · x / (u - 1)
+    with u = 1 + x rounded, and x itself where u rounds to 1), in Log, Div and Where."""
+    u = 1.0 + x
+    d = u - 1.0
+    exact = d == 0  # |x| below half an ulp of 1: log1p(x) = x to float precision
+    return torch.where(exact, x, torch.log(u) * (x / torch.where(exact, torch.ones_like(d), d)))
+
+
+def one_minus_exp_neg(x: torch.Tensor) -> torch.Tensor:
+    """1 - exp(-x) for x >= 0 (the probability of at least one event of a Poisson of mean x) to
+    float32 precision: below 0.25 its Taylor series to x^7 (truncation < 2e-9 relative), where
+    1 - exp(-x) would lose up to all its digits to the cancellation; above, 1 - exp(-x) itself
+    (the cancellation costs less than 3e-7 relative there)."""
+    s = x * (1 - x / 2 * (1 - x / 3 * (1 - x / 4 * (1 - x / 5 * (1 - x / 6 * (1 - x / 7))))))
+    return torch.where(x < 0.25, s, 1.0 - torch.exp(-x))
+
+
 def build_variant(cls: type, variant: str, defaults: dict, overrides: dict) -> ShowerModel:
     """What every variant function does: its defaults, updated by the caller's overrides (unknown
     config fields are refused, naming the known ones), into ``cls``'s config and model."""
-    known = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = set(overrides) - known
+    fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+    unknown = set(overrides) - set(fields)
     if unknown:
-        raise TypeError(f"{variant}: unknown config fields {sorted(unknown)}; known: {sorted(known)}")
-    return cls(cls.config_class(**{**defaults, **overrides}), variant=variant)
+        raise ConfigError(f"{variant}: unknown config fields {sorted(unknown)}; known: {sorted(fields)}")
+    checked = {}
+    for key, value in overrides.items():
+        f = fields[key]
+        ref = defaults.get(key, f.default if f.default is not dataclasses.MISSING else None)
+        checked[key] = _checked_value(variant, key, value, ref)
+    return cls(cls.config_class(**{**defaults, **checked}), variant=variant)
+
+
+class ConfigError(ValueError, TypeError):
+    """A model config override that does not fit the config: an unknown field or a value of the wrong
+    kind (the message names the field, the value and what is allowed)."""
+
+
+def _checked_value(variant: str, key: str, value, ref):
+    """``value`` for the field ``key`` whose default is ``ref``: numbers stay numbers, flags flags,
+    tuples tuples (a list becomes one); anything else of another kind is refused."""
+    def bad(kind):
+        return ConfigError(f"{variant}: config field {key} must be {kind}, got {value!r}")
+
+    if ref is None or isinstance(ref, (dict, str)):
+        if isinstance(ref, str) and isinstance(value, (bool, int, float, list, tuple)):
+            raise bad("a name")
+        return value
+    if isinstance(ref, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(ref, int):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise bad("a whole number")
+        return int(value)
+    if isinstance(ref, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(float(value)):
+            raise bad("a finite number")
+        return float(value)
+    if isinstance(ref, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            raise bad("a list, e.g. [64,64]")
+        return tuple(value) if isinstance(ref, tuple) else list(value)
+    return value
 
 
 def family_class(family: str) -> type:

@@ -79,9 +79,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 class CheckpointManager:
-    """Keep the ``keep - 1`` best checkpoints by ``metric`` (smaller is better) and the latest."""
+    """Keep the ``keep - 1`` best checkpoints by ``metric`` (smaller is better) and the latest.
 
-    def __init__(self, directory, keep: int = 5, metric: str = "chi2_sum"):
+    metric: by default ``"criterion"``, ``validate.metrics.CRITERION`` (zoo may not import validate):
+    the sum of the χ²/ndf of E_tot, the layer energies, centres and widths, which sees the network even
+    where E_tot does not come from it. An index written with another metric keeps the values it
+    was written with."""
+
+    def __init__(self, directory, keep: int = 5, metric: str = "criterion"):
         if keep < 2:
             raise ValueError("keep at least 2 checkpoints (the best and the latest)")
         self.dir = Path(directory)

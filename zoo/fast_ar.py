@@ -63,7 +63,7 @@ from torch import nn
 from showers.readout import Readout
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, normal_cdf
+from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, log1p, normal_cdf
 
 __all__ = ["FastAR", "FastARConfig"]
 
@@ -188,7 +188,8 @@ class FastAR(ShowerModel):
         """Context feature of fractions u (..., A, R) >= 0, in [0, ~1], padded circularly in alpha:
         (..., A + 2 n_conv, R). 0 for empty voxels, log-like above feature_eps."""
         eps = self.config.feature_eps
-        f = torch.log1p(u * (1.0 / eps)) * (1.0 / math.log1p(1.0 / eps))
+        # zoo.base.log1p: torch.log1p exports as Log(1 + x), 100 % off for u / eps below 1e-8
+        f = log1p(u * (1.0 / eps)) * (1.0 / math.log1p(1.0 / eps))
         return f.index_select(-2, self.alpha_wrap)
 
     def _film(self, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ from torch import nn
 
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, normal_cdf
+from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, log1p, normal_cdf, one_minus_exp_neg, sigmoid
 
 __all__ = ["Par04VAE", "Par04VAEConfig"]
 
@@ -236,7 +236,9 @@ class Par04VAE(ShowerModel):
         """noise (N, noise_dim) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) in MeV."""
         cfg = self.config
         latent = cfg.latent_dim
-        fractions = torch.sigmoid(self.decode_logits(noise[:, :latent], conditions))
+        # zoo.base.sigmoid, not torch.sigmoid: a trained decoder gives most voxels logits of -15 to
+        # -30, where ONNX Runtime's Sigmoid is off by 100 % or returns 0 (zoo.base)
+        fractions = sigmoid(self.decode_logits(noise[:, :latent], conditions))
         energy = self.energy_from_conditions(conditions)
         mean = self.postprocess(fractions, energy)
         total = mean.sum(1, keepdim=True)
@@ -259,11 +261,11 @@ class Par04VAE(ShowerModel):
         (module docstring), before the shower is scaled to its total."""
         n = self.n_voxels
         lam = mean / self.config.spot_energy_mev  # expected deposits per voxel
-        p_hit = 1.0 - torch.exp(-lam)
+        p_hit = one_minus_exp_neg(lam)  # 1 - exp(-lam) without the cancellation at small lam
         hit = normal_cdf(noise[:, :n]) < p_hit
         p = p_hit.clamp_min(1e-12)
         cv2 = (p * (2.0 / lam.clamp_min(1e-12) + 1.0) - 1.0).clamp_min(0.0)
-        s2 = torch.log1p(cv2)
+        s2 = log1p(cv2)  # torch.log1p exports as Log(1 + x) (zoo.base)
         value = mean / p * torch.exp(torch.sqrt(s2) * noise[:, n:] - 0.5 * s2)
         return torch.where(hit, value, torch.zeros_like(value))
 
