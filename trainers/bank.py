@@ -285,6 +285,18 @@ def _hp(model: ShowerModel, name: str, default):
     return getattr(model.config, name, default)
 
 
+def _descend(bank: Bank, opt: _Adam, step: str, method: str, autocast) -> dict[str, torch.Tensor]:
+    """One optimiser step of every model on ``method``'s loss for a fresh batch of ``step``; returns
+    the losses, detached, (K,) each."""
+    batch = bank.batch(step)
+    with autocast():
+        out = bank.evaluate(method, batch)
+    opt.zero_grad()
+    out["loss"].sum().backward()  # the sum keeps each model's gradients its own
+    opt.step()
+    return {k: v.detach() for k, v in out.items()}
+
+
 class _LikelihoodStep:
     """One Adam step on ``losses(batch)["loss"]`` (VAE, AR, flows)."""
 
@@ -295,13 +307,7 @@ class _LikelihoodStep:
         self.optimisers = {"opt": self.opt}
 
     def __call__(self, autocast) -> dict[str, torch.Tensor]:
-        batch = self.bank.batch("loss")
-        with autocast():
-            out = self.bank.evaluate("losses", batch)
-        self.opt.zero_grad()
-        out["loss"].sum().backward()  # the sum keeps each model's gradients its own
-        self.opt.step()
-        return {k: v.detach() for k, v in out.items()}
+        return _descend(self.bank, self.opt, "loss", "losses", autocast)
 
 
 class _AdversarialStep:
@@ -320,21 +326,9 @@ class _AdversarialStep:
 
     def __call__(self, autocast) -> dict[str, torch.Tensor]:
         for _ in range(self.n_critic):
-            batch = self.bank.batch("critic")
-            with autocast():
-                c = self.bank.evaluate("critic_loss", batch)
-            self.opt_c.zero_grad()
-            c["loss"].sum().backward()
-            self.opt_c.step()
-        batch = self.bank.batch("generator")
-        with autocast():
-            g = self.bank.evaluate("generator_loss", batch)
-        self.opt_g.zero_grad()
-        g["loss"].sum().backward()
-        self.opt_g.step()
-        out = {f"critic_{k}": v.detach() for k, v in c.items()}
-        out.update({f"generator_{k}": v.detach() for k, v in g.items()})
-        return out
+            c = _descend(self.bank, self.opt_c, "critic", "critic_loss", autocast)
+        g = _descend(self.bank, self.opt_g, "generator", "generator_loss", autocast)
+        return {**{f"critic_{k}": v for k, v in c.items()}, **{f"generator_{k}": v for k, v in g.items()}}
 
 
 _STEPS = {"likelihood": _LikelihoodStep, "adversarial": _AdversarialStep}
