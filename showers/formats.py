@@ -567,7 +567,8 @@ def read_strided(path, readout=None, max_showers: int = 50_000, *, data_checks: 
     if isinstance(max_showers, bool) or not isinstance(max_showers, (int, np.integer)) or max_showers < 1:
         raise ValueError(f"max_showers must be a whole number >= 1, got {max_showers!r}")
     with open_h5(path) as f:
-        e_ds, x_ds = _dataset(f, INCIDENT, path), _dataset(f, SHOWERS, path)
+        _dataset(f, INCIDENT, path)  # refuses a file without incident energies, by name
+        x_ds = _dataset(f, SHOWERS, path)
         if x_ds.ndim != 2:
             raise ShowerDataError(path, f"shape {x_ds.shape}, expected (N, n_voxels)", SHOWERS)
         n, width = x_ds.shape

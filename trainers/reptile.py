@@ -106,9 +106,6 @@ def profile_difference(model: ShowerModel, val: ShowerData, fraction: float = 0.
     """The largest relative difference, over the layers holding ``fraction`` of the energy, between the
     mean longitudinal profile of the model's showers and of ``val``'s, worst over the incident energies
     (a physics figure that tells materials apart, where the VAE's loss is dominated by empty voxels)."""
-    from showers.calibrate import core_bins
-    from showers.observables import longitudinal_profile
-
     idx = np.arange(min(len(val), n_max))
     gen = torch.Generator(device=model.device).manual_seed(4321)
     fake = model.sample(val.energy[idx], None if val.angle is None else val.angle[idx], generator=gen,
