@@ -574,8 +574,9 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
 @click.option("--data", "data_path", type=click.Path(exists=True), help="CaloChallenge HDF5 file (or folder).")
 @click.option("--mode", type=click.Choice(["grid", "asha"]), default="asha", show_default=True)
 @click.option("--num-samples", default=8, show_default=True, help="ASHA: trials sampled from the space.")
-@click.option("--metric", type=click.Choice(["chi2_sum", "sep_power", "etot_shift"]), default="chi2_sum",
-              show_default=True, help="etot_shift does not saturate early in training (short ASHA rungs).")
+@click.option("--metric", type=click.Choice(["criterion", "chi2_sum", "sep_power", "etot_shift"]), default="criterion",
+              show_default=True, help="criterion: the best-epoch metric (E_tot, layers, shape); etot_shift does not "
+              "saturate early in training (short ASHA rungs).")
 @click.option("--grace-period", default=1, show_default=True, help="ASHA: first rung, in checkpoints.")
 @click.option("--reduction-factor", default=2.0, show_default=True, help="ASHA: keep 1/this of the trials per rung.")
 @click.option("--space", "spaces", multiple=True, metavar="KEY=JSON",

@@ -22,6 +22,8 @@ registration, and the ``champion`` alias.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -221,7 +223,10 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
                 "val_chi2_ndf": f"{best['metrics']['chi2_ndf']:.6g}", "val_sep_power": f"{best['metrics']['sep_power']:.6g}",
                 "model": model.variant, "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
                 "calozoo_version": __version__}
-        version = mlflow.register_model(info_model.model_uri, name, tags=tags)
+        chatter = io.StringIO()  # MLflow prints "already exists. Creating a new version" (we created it just above)
+        with contextlib.redirect_stderr(chatter):
+            version = mlflow.register_model(info_model.model_uri, name, tags=tags)
+        log.debug("mlflow.register_model: %s", chatter.getvalue().strip())
 
     champ = _current_champion(client, name)
     if champ is None:

@@ -141,10 +141,15 @@ def run_campaign(regions: list[Region], out_dir, spec: CampaignSpec, address: st
                             "n": spec.n_showers, "seconds": 0.0})
         else:
             todo.append(region)
+    started = None
+    if todo and use_ray:  # joined (or started) before the bar: a missing cluster is one line, not a bar and a line
+        from showers.localray import init_ray
+
+        started = init_ray(address, num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
     bar = tqdm(total=len(regions), initial=len(results), desc="simulating regions", unit="region",
                disable=not progress)
-    if todo and use_ray:
-        results += _run_ray(todo, out_dir, spec, address, overwrite, bar, num_cpus)
+    if started is not None:
+        results += _run_ray(todo, out_dir, spec, overwrite, bar, shutdown=started)
     else:
         for region in todo:
             results.append(simulate_region(region, out_dir, spec, overwrite))
@@ -153,12 +158,9 @@ def run_campaign(regions: list[Region], out_dir, spec: CampaignSpec, address: st
     return sorted(results, key=lambda r: r["region"])
 
 
-def _run_ray(regions, out_dir, spec, address, overwrite, bar, num_cpus):
+def _run_ray(regions, out_dir, spec, overwrite, bar, shutdown: bool):
     import ray
 
-    from showers.localray import init_ray
-
-    started = init_ray(address, num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(simulate_region)
         pending = {task.remote(r, str(out_dir.resolve()), spec, overwrite): r for r in regions}
@@ -174,7 +176,7 @@ def _run_ray(regions, out_dir, spec, address, overwrite, bar, num_cpus):
                 bar.update(1)
         return results
     finally:
-        if started:
+        if shutdown:
             ray.shutdown()
 
 

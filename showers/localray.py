@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["LOOPBACK", "init_ray"]
+__all__ = ["LOOPBACK", "init_ray", "require_resources"]
 
 LOOPBACK = "127.0.0.1"
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -61,9 +61,38 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
     kwargs.setdefault("include_dashboard", False)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:  # Ray's own text ends in advice about --address, which we were given
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConnectionError(f"no Ray cluster at address {address!r} ({first.split('. ')[0]}): start one "
+                                  "with `ray start --head` or `ray up cluster.yaml`, or leave out --address "
+                                  "(and RAY_ADDRESS) for a local Ray") from None
         return True
     kwargs["include_dashboard"] = False
     with _loopback_only():
         ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **kwargs)
     return True
+
+
+def require_resources(asks: dict[str, float], what: str, address: str | None = None) -> None:
+    """Refuse, in one line, work that asks the Ray this process is connected to for more than it has
+    (``asks``: {"CPU": 2, "GPU": 1}; ``what``: the work and its option, for the message), instead of
+    leaving it to wait forever. A local Ray cannot grow; a cluster (``address`` or ``RAY_ADDRESS``)
+    may have an autoscaler that adds GPU nodes when asked, so there it only warns."""
+    import logging
+
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: v for k, v in asks.items() if v > have.get(k, 0.0)}
+    if not short:
+        return
+    text = ", ".join(f"{v:g} {k}" for k, v in short.items())
+    held = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in short)
+    if address or os.environ.get("RAY_ADDRESS"):
+        logging.getLogger("calozoo.showers").warning("%s asks for %s but the Ray cluster has %s now: waiting for "
+                                                     "its autoscaler", what, text, held)
+        return
+    hint = " (this machine has no GPU that torch can use)" if "GPU" in short else ""
+    raise ValueError(f"{what} asks for {text}, but the local Ray has {held}{hint}: it could never start")

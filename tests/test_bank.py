@@ -24,6 +24,7 @@ SMALL = {
     "par04_vae": dict(batch_size=8),
     "par04_vae_ds2": dict(batch_size=8),
     "par04_vae_pbwo4": dict(batch_size=8),
+    "par04_vae_region": dict(batch_size=8),
     "fastcalogan": dict(batch_size=8, n_critic=2, learning_rate=1e-3),
     "fastcalogan_pion": dict(batch_size=8, n_critic=2, learning_rate=1e-3),
     "fastcalogan_pbwo4": dict(batch_size=8, n_critic=2, learning_rate=1e-3, critic_widths=(64, 32)),

@@ -27,9 +27,13 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
                   "[6/7] validate", "[7/7] summary"):
         assert stage in r.output
     assert "MLflow UI:" in r.output and "report:" in r.output
+    # the sweep says what its trials do, and the end says how the champions fare against the thresholds
+    assert r.output.count("sweep: trial") >= 4 and "started" in r.output
+    assert "threshold" in r.output and "of 2 champions pass the thresholds on held-out showers" in r.output
 
     result = json.loads((out / "demo.json").read_text())
-    assert result["regions"] == ["electron_eta_020_025", "pion_eta_020_025"]
+    assert sorted(result["regions"]) == ["electron_eta_020_025", "photon_eta_020_025"]
+    chosen = result["regions"][0]  # the region pulled back, generated and reported on
     # held-out reference files were simulated with another seed than the training files
     for region in result["regions"]:
         with h5py.File(out / "data" / "train" / f"{region}.h5") as a, \
@@ -41,19 +45,19 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
     # every region registered, each version @champion
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     for region in result["regions"]:
-        mv = client.get_model_version_by_alias(f"calozoo-demo.fastcalogan.{region}", "champion")
+        mv = client.get_model_version_by_alias(f"calozoo-demo.par04_vae.{region}", "champion")
         assert str(mv.version) == "1"
-    assert result["champion"] == "calozoo-demo.fastcalogan.electron_eta_020_025@champion"
+    assert result["champion"] == f"calozoo-demo.par04_vae.{chosen}@champion"
     # the validation report of the pulled model, and the fleet table
-    report = out / "validation" / "electron_eta_020_025"
+    report = out / "validation" / chosen
     for name in ("report.md", "metrics.json", "profiles.png", "features_etot_einc.png"):
         assert (report / name).stat().st_size > 0
     metrics = json.loads((report / "metrics.json").read_text())
     assert 0.0 <= metrics["headline"]["auc_low"] <= 1.0 and metrics["n_gen"] == metrics["n_ref"] == 200
     summary = (out / "validation" / "fleet" / "summary.md").read_text()
-    assert "electron_eta_020_025" in summary and "pion_eta_020_025" in summary
+    assert "electron_eta_020_025" in summary and "photon_eta_020_025" in summary
     # ... both logged to MLflow: the report into the champion's training run, the table into the fleet's
-    run_id = json.loads((out / "fleet" / "electron_eta_020_025" / "mlflow-run.json").read_text())["run_id"]
+    run_id = json.loads((out / "fleet" / chosen / "mlflow-run.json").read_text())["run_id"]
     assert "val_auc_low" in client.get_run(run_id).data.metrics
     assert "validation/report.md" in {a.path for a in client.list_artifacts(run_id, "validation")}
     fleet_run = json.loads((out / "fleet" / "_fleet" / "mlflow-run.json").read_text())["run_id"]

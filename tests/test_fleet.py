@@ -1,11 +1,10 @@
-"""The fleet on a real local Ray runtime: a 2-worker fleet of a few regions, with one worker process
-killed mid-run (every region finishes, and the killed worker's regions resumed from their
-checkpoints instead of restarting); the same on a simulated two-node cluster with a node removed;
-a fleet of FAST.AR models, which trains as a bank like every family."""
+"""The fleet on a real Ray runtime: a 2-worker fleet of a few regions on a simulated cluster, with the
+node of one worker removed mid-run (every region finishes, and the lost worker's regions resumed from
+their checkpoints instead of restarting), tracked in MLflow; a fleet of FAST.AR models on a local
+Ray, which trains as a bank like every family."""
 
 import os
 import re
-import signal
 import threading
 import time
 from pathlib import Path
@@ -89,46 +88,14 @@ def assert_all_finished_and_resumed(out: Path, regions):
 
 
 @pytest.mark.timeout(600)
-def test_fleet_survives_a_killed_worker(campaign, tmp_path, monkeypatch):
-    import ray
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    out = tmp_path / "fleet"
-    cfg = fleet_config(campaign, out)
-
-    def kill():
-        pid_file = out / "_workers" / "rank1.pid"
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        watcher = kill_when_checkpointed(out, cfg.regions, kill)
-        summary, parent_run = run_tracked_fleet(cfg, campaign="fleet-test", plots=False, num_workers=2,
-                                                max_failures=2)
-        watcher.join(1)
-    finally:
-        ray.shutdown()
-    shares = summary["shares"]
-    assert sorted(sum(shares, [])) == sorted(cfg.regions)
-    assert_all_finished_and_resumed(out, cfg.regions)
-    # every region's MLflow run is a child of the fleet's
-    from registry.tracking import get_client
-
-    client = get_client(os.environ["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("fleet-test")
-    runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.info.run_name == "fleet/fastcalogan"]
-    assert len(parent) == 1 and parent[0].info.run_id == parent_run.run_id
-    assert parent[0].info.status == "FINISHED"
-    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
-    assert children == {f"fastcalogan/{r}" for r in cfg.regions}
-
-
-@pytest.mark.timeout(600)
-def test_fleet_survives_losing_a_node(campaign, tmp_path):
+def test_fleet_survives_losing_a_node(campaign, tmp_path, monkeypatch):
+    """A node that goes takes its worker process with it (the harder case of a killed worker): every
+    region finishes, those of the lost worker resumed from their checkpoints; the fleet is tracked,
+    every region's MLflow run a child of the fleet's."""
     import ray
     from ray.cluster_utils import Cluster
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     # a head that trains nothing and three one-CPU nodes for two workers: the spare takes the place
     # of the node that goes (an autoscaler's replacement; Cluster.add_node needs the main thread)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -144,13 +111,24 @@ def test_fleet_survives_losing_a_node(campaign, tmp_path):
             cluster.remove_node(victim)
 
         watcher = kill_when_checkpointed(out, cfg.regions, kill)
-        summary = run_fleet(cfg, num_workers=2, max_failures=2, address=cluster.address)
+        summary, parent_run = run_tracked_fleet(cfg, campaign="fleet-test", plots=False, num_workers=2,
+                                                max_failures=2, address=cluster.address)
         watcher.join(1)
     finally:
         ray.shutdown()
         cluster.shutdown()
     assert sorted(sum(summary["shares"], [])) == sorted(cfg.regions)
     assert_all_finished_and_resumed(out, cfg.regions)
+    from registry.tracking import get_client
+
+    client = get_client(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("fleet-test")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_name == "fleet/fastcalogan"]
+    assert len(parent) == 1 and parent[0].info.run_id == parent_run.run_id
+    assert parent[0].info.status == "FINISHED"
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert children == {f"fastcalogan/{r}" for r in cfg.regions}
 
 
 def test_list_regions_filters(campaign):

@@ -38,6 +38,7 @@ GATE = {
     "par04_vae": dict(readout=SMALL_READOUT, batch_size=16, learning_rate=LR),
     "par04_vae_ds2": dict(readout=SMALL_READOUT, batch_size=16, learning_rate=LR),
     "par04_vae_pbwo4": dict(batch_size=16, learning_rate=LR),
+    "par04_vae_region": dict(batch_size=16, learning_rate=LR),
     "fastcalogan": dict(batch_size=16, n_critic=2, learning_rate=LR, critic_widths=(32, 16)),
     "fastcalogan_pion": dict(batch_size=16, n_critic=2, learning_rate=LR, critic_widths=(32, 16)),
     "fastcalogan_pbwo4": dict(readout=SMALL_READOUT, batch_size=16, n_critic=2, learning_rate=LR,

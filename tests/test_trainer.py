@@ -31,6 +31,13 @@ def test_split_is_stratified_and_disjoint(data):
     assert not any(r.tobytes() in rows_tr for r in va.showers)
 
 
+def test_a_small_file_keeps_half_of_each_energy_for_training(data):
+    # the default --min-val-per-energy (100) is sized for campaigns; 120 showers per energy keep 60
+    tr, va = split_validation(data, fraction=0.2, min_per_energy=100, seed=0)
+    for e in (4000.0, 16000.0, 64000.0):
+        assert (va.energy == e).sum() == 60 and (tr.energy == e).sum() == 60
+
+
 def test_incremental_order_follows_fastcalogan():
     pts = [1024.0 * 2**k for k in range(9)]  # 1 ... 256 GeV
     gev = [p / 1024 for p in incremental_order(pts)]

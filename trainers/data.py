@@ -103,7 +103,8 @@ class DataSplit:
     """How a data set is split into training and validation showers (``split_validation``).
 
     val_fraction: held out per energy point (a continuous spectrum: of all showers), in [0, 1).
-    min_per_energy: at least this many held out per energy point (never all of a point's showers).
+    min_per_energy: at least this many held out per energy point, but never more than half of a
+        point's showers (a small file still trains on every energy).
     """
 
     val_fraction: float = 0.2
@@ -125,15 +126,15 @@ def split_validation(data: ShowerData, fraction: float = 0.2, min_per_energy: in
                      seed: int = 0) -> tuple[ShowerData, ShowerData]:
     """Hold out a validation set, stratified by incident energy for discrete energies.
 
-    Each energy point keeps max(fraction × n, min_per_energy) showers (at most n - 1) out of
-    training; a continuous spectrum holds out ``fraction`` at random. The two sets are disjoint.
+    Each energy point keeps max(fraction × n, min_per_energy) showers out of training, at most
+    n // 2 of its n (so that ``min_per_energy``, sized for big campaigns, never starves a small file); a continuous spectrum holds out ``fraction`` at random. The two sets are disjoint.
     """
     rng = np.random.default_rng(seed)
     val = []
     if data.discrete:
         for e in energy_points(data.energy):
             idx = np.flatnonzero(data.energy == e)
-            k = min(max(int(round(fraction * len(idx))), min_per_energy), len(idx) - 1)
+            k = min(max(int(round(fraction * len(idx))), min_per_energy), len(idx) // 2)
             val.append(rng.choice(idx, size=k, replace=False))
         val = np.sort(np.concatenate(val))
     else:

@@ -14,6 +14,7 @@ to 32 GeV, add one energy point every ``incremental_every`` iterations in the or
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -25,14 +26,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from showers.atomic import tmp_path
 from trainers.bank import Bank, bank_groups
 from trainers.data import ShowerData, energy_points
 from validate.metrics import checkpoint_metrics
 from zoo.base import ShowerModel
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 
-__all__ = ["TrainConfig", "TrainResult", "available_cpus", "checkpoint_state", "incremental_order", "set_threads",
-           "train", "train_models", "validate"]
+__all__ = ["PROGRESS_FILE", "TrainConfig", "TrainResult", "available_cpus", "checkpoint_state", "incremental_order",
+           "read_progress", "set_threads", "train", "train_models", "validate"]
+
+#: ``RUN_DIR/progress.json``: the iteration a model's training has reached (``_Heartbeat``)
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,7 @@ def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_da
     desc = names[0] if k == 1 else f"bank of {k} {models[0].variant}"
     bar = tqdm(total=cfg.iterations, initial=start, desc=desc, unit="it", disable=not cfg.progress)
     shown: dict = {}
+    beat = _Heartbeat([Path(d) for d in run_dirs], cfg.iterations)
     for it in range(start, cfg.iterations):
         if schedules is not None and (it == start or it % cfg.incremental_every == 0):
             bank.restrict([s[: min(1 + it // cfg.incremental_every, len(s))] for s in schedules])
@@ -255,6 +261,7 @@ def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_da
                     log(i, record, done)
             shown["chi2"] = f"{float(np.mean(chi2)):.3g}"
         bar.update(1)
+        beat(done)
         if done % 10 == 0 or done == cfg.iterations:
             shown.update({n: f"{float(v.float().mean()):.3g}" for n, v in list(losses.items())[:3]})
             bar.set_postfix(shown, refresh=False)
@@ -264,6 +271,38 @@ def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_da
     seconds = time.perf_counter() - t0
     return [TrainResult(max(cfg.iterations, it), mgr.best(), mgr.files(), hist, seconds)
             for it, mgr, hist in zip(iters, managers, histories)]
+
+
+class _Heartbeat:
+    """``RUN_DIR/progress.json`` ({"iteration", "iterations", "time"}) of every model, written at most
+    every ``every`` seconds and at the end: what a fleet's progress bar reads from its workers' shared
+    storage between checkpoints (written whole, then renamed)."""
+
+    def __init__(self, run_dirs: list[Path], iterations: int, every: float = 2.0):
+        self.paths = [d / PROGRESS_FILE for d in run_dirs]
+        self.iterations, self.every, self.last = iterations, every, 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.time()
+        if now - self.last < self.every and done < self.iterations:
+            return
+        self.last = now
+        text = json.dumps({"iteration": done, "iterations": self.iterations, "time": now})
+        for path in self.paths:
+            tmp = tmp_path(path, unique=False)
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            except OSError:  # progress is a courtesy: never stop training for it
+                pass
+
+
+def read_progress(run_dir) -> int:
+    """The last iteration ``RUN_DIR/progress.json`` reports (0 when it is not there yet)."""
+    try:
+        return int(json.loads((Path(run_dir) / PROGRESS_FILE).read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def checkpoint_state(model: ShowerModel, model_state: dict, optimiser: dict, iteration: int, rng: dict, record: dict,

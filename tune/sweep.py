@@ -6,7 +6,8 @@ family's typed ``SearchSpace`` (declared next to its config in ``zoo/``), option
 
 - ``mode="grid"``: every combination of the candidates, run to the end.
 - ``mode="asha"``: ``num_samples`` random combinations under ``ASHAScheduler`` (metric: the
-  validation χ² sum, the E_tot separation power, or ``etot_shift``, the distance of the mean E_tot
+  best-epoch ``criterion`` (``validate.metrics``: χ²/ndf of E_tot, layer energies, centres and widths),
+  the validation χ² sum of E_tot, the E_tot separation power, or ``etot_shift``, the distance of the mean E_tot
   in reference standard deviations, which does not saturate early in training as the other two do
   once a generator's peak is off the reference's histogram; mode min), which stops bad trials at rungs of
   ``grace_period`` × ``reduction_factor``^k training iterations. Time is counted in training
@@ -33,16 +34,17 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from ray.tune import Callback
 
 from trainers.data import DataSplit, load_showers
 from trainers.loop import TrainConfig, train
 from zoo import create_model, create_model_for
 from zoo.base import SearchSpace, ShowerModel
 
-__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "check_resumable", "load_best", "load_config", "param_space",
+__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "TrialProgress", "check_resumable", "load_best", "load_config", "param_space",
            "resume_sweep", "retrain_best", "run_sweep", "search_space", "trial_label"]
 
-METRICS = ("chi2_sum", "sep_power", "etot_shift")
+METRICS = ("criterion", "chi2_sum", "sep_power", "etot_shift")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class SweepConfig:
     space: dict = field(default_factory=dict)
     only_given: bool = False
     num_samples: int = 8
-    metric: str = "chi2_sum"
+    metric: str = "criterion"
     grace_period: int = 1  # in checkpoints: the first rung is at grace_period × checkpoint_every
     reduction_factor: float = 2.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
@@ -197,6 +199,35 @@ def _trial(config: dict, tracker: SweepTracker | None = None) -> None:
             finish()
 
 
+class TrialProgress(Callback):
+    """One line per trial as it starts, ends, is stopped early by ASHA or fails, with the counts so far:
+    a sweep is never silent for minutes (Tune's own table is off, ``verbose=0``)."""
+
+    def __init__(self, metric: str, iterations: int):
+        self.metric, self.iterations = metric, iterations
+        self.started = self.ended = 0
+
+    def _say(self, trial, what: str) -> None:
+        print(f"  sweep: trial {trial.trial_id} [{trial_label(trial.config.get('params', {}))}] {what} "
+              f"({self.started} started, {self.ended} ended)", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started += 1
+        self._say(trial, "started")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended += 1
+        last = trial.last_result or {}
+        at = int(last.get("iteration", 0))
+        how = "finished" if at >= self.iterations else "stopped early by ASHA"
+        value = last.get(self.metric)
+        self._say(trial, f"{how} at iteration {at}" + (f", {self.metric} {value:.4g}" if value is not None else ""))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended += 1
+        self._say(trial, "failed (see its error.txt)")
+
+
 def _tuner(cfg: SweepConfig, restore_path: str | None = None, tracker: SweepTracker | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -223,7 +254,8 @@ def _tuner(cfg: SweepConfig, restore_path: str | None = None, tracker: SweepTrac
                                     num_samples=cfg.num_samples if cfg.mode == "asha" else 1,
                                     trial_name_creator=lambda t: f"{t.trial_id}[{trial_label(t.config['params'])}]",
                                     trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name="tune", storage_path=str(Path(cfg.out_dir).resolve()), verbose=0),
+        run_config=tune.RunConfig(name="tune", storage_path=str(Path(cfg.out_dir).resolve()), verbose=0,
+                                  callbacks=[TrialProgress(cfg.metric, iterations)]),
     )
 
 
@@ -314,7 +346,7 @@ def _fit(cfg: SweepConfig, make_tuner, address) -> SweepResult:
 
     t0 = time.perf_counter()
     init_ray(address, log_to_driver=False)  # a cluster (address, RAY_ADDRESS) or a local Ray on loopback only
-    _check_resources(cfg)
+    _check_resources(cfg, address)
     results = make_tuner().fit()
     iterations = cfg.train.iterations
     trials = []
@@ -326,7 +358,9 @@ def _fit(cfg: SweepConfig, make_tuner, address) -> SweepResult:
                        cfg.metric: float(r.metrics[cfg.metric]), "error": r.error is not None})
     done = [t for t in trials if not t["error"]]
     if not done:
-        raise RuntimeError(f"no trial of the sweep in {cfg.out_dir} finished: see {cfg.out_dir}/tune")
+        errors = [r.error for r in results if r.error is not None]
+        why = f": {len(errors)} errored, the first with {_last_line(errors[0])}" if errors else ""
+        raise RuntimeError(f"no trial of the sweep in {cfg.out_dir} finished{why} (see {cfg.out_dir}/tune)")
     best_trial = min(done, key=lambda t: (t[cfg.metric], -t["iteration"]))
     stopped = sum(1 for t in done if t["iteration"] < iterations)
     best = {"model": cfg.model, "overrides": best_trial["params"], "metric": cfg.metric,
@@ -337,16 +371,20 @@ def _fit(cfg: SweepConfig, make_tuner, address) -> SweepResult:
     return SweepResult(best, trials, stopped, time.perf_counter() - t0, str(out))
 
 
-def _check_resources(cfg: SweepConfig) -> None:
-    """Refuse trials that ask for more than the Ray cluster has: Tune would wait for them forever."""
-    import ray
+def _last_line(error: BaseException) -> str:
+    """The line of a trial's error that says what went wrong (Ray wraps it in its own traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
-    have = ray.cluster_resources()
-    asks = (("gpus_per_trial", "GPU", cfg.gpus_per_trial), ("cpus_per_trial", "CPU", cfg.cpus_per_trial))
-    for name, key, want in asks:
-        if want > have.get(key, 0.0):
-            raise ValueError(f"{name}={want:g}, but the Ray cluster has {have.get(key, 0.0):g} {key}s: no trial "
-                             "could ever start" + (" (a GPU sweep needs a cluster with GPUs)" if key == "GPU" else ""))
+
+def _check_resources(cfg: SweepConfig, address: str | None = None) -> None:
+    """Refuse trials that ask for more than the Ray has (``showers.localray.require_resources``): Tune
+    would wait for them forever."""
+    from showers.localray import require_resources
+
+    asks = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
+    require_resources(asks, f"each trial (--cpus-per-trial {cfg.cpus_per_trial:g}, --gpus-per-trial "
+                            f"{cfg.gpus_per_trial:g})", address)
 
 
 def load_best(path) -> dict:

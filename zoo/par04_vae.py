@@ -322,3 +322,16 @@ def par04_vae_pbwo4(**overrides) -> Par04VAE:
     fluctuations of ε = 1 MeV and the total from a 101-level response table (see above)."""
     return _create("par04_vae_pbwo4", dict(readout="g4-pbwo4", conditions=LOG_ENERGY_CONDITIONS.to_dict(),
                                            spot_energy_mev=1.0, response_quantiles=101), overrides)
+
+
+@register_model
+def par04_vae_region(**overrides) -> Par04VAE:
+    """One VAE per detector region, for fleets (``calozoo fleet``, the demo): ``par04_vae_pbwo4``'s energy-only,
+    log-encoded conditions, voxel fluctuations and response table on a region's readout (by default the
+    atlas-like photons at 0.20 < |eta| < 0.25, 368 voxels; a fleet gives each region its own)."""
+    defaults = dict(conditions=LOG_ENERGY_CONDITIONS.to_dict(), spot_energy_mev=1.0, response_quantiles=101)
+    if "readout" not in overrides:  # the detector builds its 300 readouts on first use: only when needed
+        from showers.detector import get_detector
+
+        defaults["readout"] = get_detector("atlas-like").region("photon_eta_020_025").readout.to_dict()
+    return _create("par04_vae_region", defaults, overrides)

@@ -1,0 +1,190 @@
+"""Every command of the README, run as written, at a reduced size (issue #16).
+
+The README's ``sh`` and ``python`` blocks are read in order and run one after another in a fresh folder
+(with the repository's ``.venv`` and ``tests/`` linked in, as in a clone), the way a newcomer would
+type them: ``export`` lines hold for the commands after them, a command ending in ``&`` keeps running in
+the background (the tracking server) until the end. What changes, and only this:
+
+- **size**: ``-n`` at most 30 showers per energy; ``train``/``fleet``/``tune`` at 20 iterations with a
+  checkpoint every 10 (added where the README leaves the defaults), FastCaloGAN's incremental step at
+  5, ASHA at 2 samples, at most 2 workers; the 300-region ``simulate --detector atlas-like`` keeps the
+  regions ``photon_eta_02*`` (two), so that the fleets, sweeps and fleet validation on them stay small;
+- **a port**: the tracking server's 5000 becomes a free port (in every command that names it);
+- **a gate's verdict**: ``validate-fleet`` exits with 1 when a region fails its thresholds (what CI
+  gates on), as every region does after 20 iterations; it must still have written its table;
+- **what this machine lacks**: a command that needs a GPU (``--gpu``, ``--device cuda``) where there is
+  none, or a Ray cluster (``--address auto``) where none runs, must stop at once with one line saying
+  so (exit status not 0, no traceback) instead of hanging;
+- **covered elsewhere**, each named in :data:`ELSEWHERE` and checked to exist: ``make demo``
+  (``tests/test_demo.py`` runs the same ``calozoo demo`` at its test scale), ``make test`` (this suite),
+  ``ray job submit`` (``tests/test_jobs.py`` submits the same fleet to a Ray head), and the
+  inference-only ``pip install`` (the packages it names must import here; ``tests/test_layering.py``
+  pulls and generates without torch or Ray).
+
+A README command that is not covered by these rules fails the test, so a new one cannot slip in untried.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .test_registry_server import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+ELSEWHERE = {
+    "make demo": "tests/test_demo.py",
+    "make test": "tests/conftest.py",
+    "ray job submit": "tests/test_jobs.py",
+    "pip install": "tests/test_layering.py",
+}
+SIZE = {"-n": 30, "--iterations": 20, "--checkpoint-every": 10, "--incremental-every": 5, "--num-samples": 2,
+        "--workers": 2}
+TRAINING = ("train", "fleet", "tune")
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, text) of every ``sh`` and ``python`` block of the README, in order."""
+    text = (REPO / "README.md").read_text()
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"```(sh|python)\n(.*?)```", text, re.S)]
+
+
+def commands(block: str) -> list[list[str]]:
+    """The commands of a shell block: continuation lines joined, comments dropped, as argv lists."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
+
+
+def _flag(argv: list[str], name: str) -> int | None:
+    return argv.index(name) if name in argv else None
+
+
+def scaled(argv: list[str], port: int) -> list[str]:
+    """The command at the test's size (module docstring)."""
+    argv = [a.replace("5000", str(port)) if "127.0.0.1:5000" in a else a for a in argv]
+    if not argv[0].endswith("/calozoo"):
+        return argv
+    argv = list(argv)
+    for name, most in SIZE.items():
+        i = _flag(argv, name)
+        if i is not None:
+            argv[i + 1] = str(min(int(argv[i + 1]), most))
+    sub = argv[1]
+    if sub in TRAINING and "--resume" not in argv:
+        for name in ("--iterations", "--checkpoint-every"):
+            if _flag(argv, name) is None:
+                argv += [name, str(SIZE[name])]
+    if sub == "simulate" and "atlas-like" in argv and _flag(argv, "--regions") is None:
+        argv += ["--regions", "photon_eta_02*"]
+    if sub == "mlflow":
+        argv += ["--port", str(port)]
+    return argv
+
+
+def lacks(argv: list[str]) -> str | None:
+    """What this machine lacks for the command: "GPU", "cluster", or None."""
+    import torch
+
+    if ("--gpu" in argv or ("--device" in argv and argv[argv.index("--device") + 1].startswith("cuda"))) \
+            and not torch.cuda.is_available():
+        return "GPU"
+    if _flag(argv, "--address") is not None and not os.environ.get("RAY_ADDRESS"):
+        return "cluster"
+    return None
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the background command ended with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.mark.timeout(1200)
+def test_every_readme_command_runs_as_written(tmp_path):
+    home = tmp_path / "clone"
+    home.mkdir()
+    (home / ".venv").symlink_to(VENV)
+    (home / "tests").symlink_to(REPO / "tests")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(CALOZOO_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true")
+    port = free_port()
+    background: list[subprocess.Popen] = []
+    ran, elsewhere, refused, timings = [], [], [], []
+    try:
+        for lang, block in readme_blocks():
+            if lang == "python":
+                proc = subprocess.run([sys.executable, "-c", block], cwd=home, env=env, capture_output=True,
+                                      text=True, timeout=600)
+                assert proc.returncode == 0, f"README python block failed:\n{block}\n{proc.stderr[-3000:]}"
+                ran.append(block.splitlines()[0])
+                continue
+            for argv in commands(block):
+                line = shlex.join(argv)
+                covered = next((k for k in ELSEWHERE if line.startswith(k)), None)
+                if covered is not None:
+                    assert (REPO / ELSEWHERE[covered]).exists()
+                    if covered == "pip install":  # the inference-only packages are the ones this suite runs on
+                        mods = [p.replace("-", "_") for p in argv[2:] if not p.startswith("-")]
+                        subprocess.run([sys.executable, "-c", "import " + ", ".join(mods)], check=True, env=env)
+                    elsewhere.append(line)
+                    continue
+                if argv[0] == "export":
+                    key, _, value = argv[1].partition("=")
+                    env[key] = value.replace("5000", str(port))
+                    continue
+                if argv[-1] == "&":
+                    argv = scaled(argv[:-1], port)
+                    proc = subprocess.Popen(argv, cwd=home, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True)
+                    background.append(proc)
+                    _wait_for(f"http://127.0.0.1:{port}/health", proc)
+                    ran.append(line)
+                    continue
+                argv = scaled(argv, port)
+                missing = lacks(argv)
+                t0 = time.monotonic()
+                proc = subprocess.run(argv, cwd=home, env=env, capture_output=True, text=True, timeout=600)
+                out = (proc.stdout + proc.stderr).strip()
+                if missing:
+                    assert proc.returncode != 0, f"{line}: ran without a {missing}?\n{out[-2000:]}"
+                    assert "Traceback" not in out, f"{line}: a traceback instead of one line:\n{out[-3000:]}"
+                    last = out.splitlines()[-1]
+                    word = {"GPU": ("GPU", "CUDA"), "cluster": ("cluster", "Ray")}[missing]
+                    assert any(w in last for w in word), f"{line}: the error does not say the {missing} is missing: {last}"
+                    refused.append(line)
+                    continue
+                if argv[1:2] == ["validate-fleet"] and proc.returncode == 1:
+                    # a gate: its exit status says whether every region passed (at 20 iterations, none does)
+                    assert re.search(r"\d+ regions, \d+ failing; summary: ", out), out[-3000:]
+                else:
+                    assert proc.returncode == 0, f"README command failed: {shlex.join(argv)}\n{out[-4000:]}"
+                ran.append(line)
+                timings.append(f"{time.monotonic() - t0:6.1f} s  {shlex.join(argv)}")
+    finally:
+        (tmp_path / "timings.txt").write_text("\n".join(timings) + "\n")
+        for proc in background:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    assert len(ran) >= 20 and set(ELSEWHERE) <= {next(k for k in ELSEWHERE if e.startswith(k)) for e in elsewhere}
+    # what the examples made is there: the pulled model's showers and their report, the sweep's winner
+    assert (home / "gen.h5").stat().st_size > 0 and (home / "report" / "report.md").exists()
+    assert (home / "out" / "tune" / "fastcalogan-asha" / "best.json").exists()
