@@ -30,6 +30,8 @@ SMALL = {
     "fastcalogan_pbwo4": dict(batch_size=8, n_critic=2, learning_rate=1e-3, critic_widths=(64, 32)),
     "fast_ar": dict(batch_size=4, width=8, n_conv=1, n_components=2),
     "fast_ar_24": dict(batch_size=4, width=8, n_conv=1, n_components=2),
+    "flow_matching": dict(batch_size=8, shape_widths=(32, 32), energy_widths=(16, 16)),
+    "flow_matching_pbwo4": dict(batch_size=8, shape_widths=(32, 32), energy_widths=(16, 16)),
 }
 
 

@@ -45,6 +45,9 @@ GATE = {
                               critic_widths=(32, 16)),
     "fast_ar": dict(readout=AR_READOUT, batch_size=8, width=8, n_conv=1, n_components=2, learning_rate=LR),
     "fast_ar_24": dict(readout=AR_READOUT, batch_size=8, width=8, n_conv=1, n_components=2, learning_rate=LR),
+    "flow_matching": dict(batch_size=16, shape_widths=(32, 32), energy_widths=(16, 16), learning_rate=LR),
+    "flow_matching_pbwo4": dict(readout=SMALL_READOUT, batch_size=16, shape_widths=(32, 32), energy_widths=(16, 16),
+                                learning_rate=LR),
 }
 
 
@@ -130,6 +133,11 @@ def _age(family: str, state: dict, n_voxels: int) -> None:
         k = (w["head.bias"].numel() - 1) // 3
         w["head.bias"][1 + k:1 + 2 * k] -= 12.0  # voxel means of 1e-11 .. 1e-7 of E_inc
         w["head.weight"][: 1 + k] *= 5.0  # sharp outcome probabilities
+    elif family == "flow_matching":  # fast velocities: voxel shares over many decades after the exp
+        for net in ("energy_net", "shape_net"):
+            last = max((k for k in w if k.startswith(f"{net}.net.") and k.endswith(".weight")),
+                       key=lambda k: int(k.split(".")[2]))
+            w[last] *= 4.0
     else:  # fastcalogan: most outputs below 0 (cut by the ReLU), the others small differences of large terms
         last = max(k for k in w if k.startswith("generator.layers.") and k.endswith(".weight"))
         w[last] *= 4.0

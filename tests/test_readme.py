@@ -7,7 +7,7 @@ the background (the tracking server) until the end. What changes, and only this:
 
 - **size**: ``-n`` at most 30 showers per energy; ``train``/``fleet``/``tune`` at 20 iterations with a
   checkpoint every 10 (added where the README leaves the defaults), FastCaloGAN's incremental step at
-  5, ASHA at 2 samples, at most 2 workers; the 300-region ``simulate --detector atlas-like`` keeps the
+  5, ASHA at 2 samples, one fleet worker; the 300-region ``simulate --detector atlas-like`` keeps the
   regions ``photon_eta_02*`` (two), so that the fleets, sweeps and fleet validation on them stay small;
 - **a port**: the tracking server's 5000 becomes a free port (in every command that names it);
 - **a gate's verdict**: ``validate-fleet`` exits with 1 when a region fails its thresholds (what CI
@@ -51,7 +51,7 @@ ELSEWHERE = {
     "pip install": "tests/test_layering.py",
 }
 SIZE = {"-n": 30, "--iterations": 20, "--checkpoint-every": 10, "--incremental-every": 5, "--num-samples": 2,
-        "--workers": 2}
+        "--workers": 1}
 TRAINING = ("train", "fleet", "tune")
 
 

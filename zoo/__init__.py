@@ -3,7 +3,7 @@
     from zoo import create_model, list_models
     model = create_model("par04_vae_pbwo4")
 
-Each family is one file (``par04_vae.py``, ``fastcalogan.py``, ``fast_ar.py``); each variant a small
+Each family is one file (``par04_vae.py``, ``fastcalogan.py``, ``fast_ar.py``, ``flow_matching.py``); each variant a small
 function registered with ``@register_model``. ``zoo.base`` defines the interface.
 """
 

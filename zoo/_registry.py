@@ -52,5 +52,6 @@ def create_model_for(name: str, readout, **overrides):
 def _import_families() -> None:
     # importing a family's module registers its variants
     import zoo.fast_ar  # noqa: F401
+    import zoo.flow_matching  # noqa: F401
     import zoo.fastcalogan  # noqa: F401
     import zoo.par04_vae  # noqa: F401
