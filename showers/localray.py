@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["LOOPBACK", "init_ray", "require_resources"]
+__all__ = ["LOOPBACK", "init_ray", "local_gpus_missing", "require_resources"]
 
 LOOPBACK = "127.0.0.1"
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -84,6 +84,8 @@ def require_resources(asks: dict[str, float], what: str, address: str | None = N
 
     import ray
 
+    if not ray.is_initialized():
+        raise RuntimeError("require_resources: connect to Ray first (init_ray)")
     have = ray.cluster_resources()
     short = {k: v for k, v in asks.items() if v > have.get(k, 0.0)}
     if not short:
@@ -96,3 +98,12 @@ def require_resources(asks: dict[str, float], what: str, address: str | None = N
         return
     hint = " (this machine has no GPU that torch can use)" if "GPU" in short else ""
     raise ValueError(f"{what} asks for {text}, but the local Ray has {held}{hint}: it could never start")
+
+
+def local_gpus_missing(address: str | None = None) -> bool:
+    """True when Ray would be started here (no ``address``, no ``RAY_ADDRESS``, none running) on a
+    machine without a GPU torch can use: a ``--gpu`` request can be refused before Ray starts."""
+    import ray
+    import torch
+
+    return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()) and not torch.cuda.is_available()
