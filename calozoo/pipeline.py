@@ -120,7 +120,7 @@ class _FleetProgress:
 
         with tqdm(total=self.total, desc="fleet: iterations of all regions", unit="it") as bar:
             while not self.stop.wait(self.every):
-                bar.update(self._done() - bar.n)  # prints only when a checkpoint landed
+                bar.update(self._done() - bar.n)  # the regions' progress.json, every second
             bar.update(self._done() - bar.n)
 
     def __enter__(self):
@@ -175,6 +175,7 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
     from registry.tracking import RUN_FILE, get_client
     from showers.campaign import CampaignSpec, run_campaign
     from showers.detector import get_detector
+    from showers.localray import init_ray
     from showers.plots import plot_file
     from trainers.data import DataSplit
     from trainers.fleet import FleetConfig
@@ -193,8 +194,6 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
     det = get_detector("atlas-like")
     regions = det.select([f"{p}_eta_{s}" for p in sc.particles for s in sc.eta_slices])
     names = [r.name for r in regions]
-    from showers.localray import init_ray
-
     # a local Ray on loopback only (or the cluster RAY_ADDRESS names, as a plain ray.init would)
     started_ray = not ray.is_initialized()
     if started_ray:

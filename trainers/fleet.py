@@ -254,15 +254,15 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
     shares = assign_regions(costs, num_workers)
     (out / "fleet.json").write_text(json.dumps({"config": asdict(cfg), "shares": shares}, indent=1))
 
+    what = (f"a fleet of {num_workers} worker{'s' if num_workers != 1 else ''}"
+            + (" with a GPU each (--gpu)" if use_gpu else ""))
     if use_gpu and local_gpus_missing(address):  # before Ray starts: nothing to wait for
-        raise ValueError(f"a fleet of {num_workers} worker{'s' if num_workers != 1 else ''} with a GPU each (--gpu) "
-                         "on this machine, which has no GPU that torch can use (give --address of a cluster with "
-                         "GPUs, or leave out --gpu)")
+        raise ValueError(f"{what} on this machine, which has no GPU that torch can use (give --address of a cluster "
+                         "with GPUs, or leave out --gpu)")
     # a cluster at address or RAY_ADDRESS (set inside a Ray job), else a local Ray on loopback only
     init_ray(address, num_cpus=max(num_workers * threads_per_worker, os.cpu_count() or 1), log_to_driver=False)
     require_resources({"GPU": float(num_workers)} if use_gpu else {"CPU": float(num_workers * threads_per_worker)},
-                      f"a fleet of {num_workers} worker{'s' if num_workers != 1 else ''}"
-                      + (" with a GPU each (--gpu)" if use_gpu else ""), address)
+                      what, address)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"fleet": asdict(cfg), "shares": shares, "use_gpu": use_gpu, "threads": threads_per_worker,

@@ -41,8 +41,8 @@ from trainers.loop import TrainConfig, train
 from zoo import create_model, create_model_for
 from zoo.base import SearchSpace, ShowerModel
 
-__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "TrialProgress", "check_resumable", "load_best", "load_config", "param_space",
-           "resume_sweep", "retrain_best", "run_sweep", "search_space", "trial_label"]
+__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "TrialProgress", "check_resumable", "load_best", "load_config",
+           "param_space", "resume_sweep", "retrain_best", "run_sweep", "search_space", "trial_label"]
 
 METRICS = ("criterion", "chi2_sum", "sep_power", "etot_shift")
 

@@ -39,11 +39,23 @@ from torch import nn
 from showers.readout import Readout, get_readout
 from showers.transforms import ConditionSpec, build_transform, encode_conditions
 
-__all__ = ["NOISE_KINDS", "ConfigError", "ModelConfig", "SearchSpace", "ShowerModel", "build_variant", "family_class",
-           "log1p", "model_from_checkpoint", "normal_cdf", "one_minus_exp_neg", "sigmoid"]
+__all__ = ["LOG_ENERGY_CONDITIONS", "NOISE_KINDS", "ConfigError", "ModelConfig", "SearchSpace", "ShowerModel",
+           "atlas_region", "build_variant", "family_class", "log1p", "model_from_checkpoint", "normal_cdf",
+           "one_minus_exp_neg", "sigmoid"]
 
 #: how a training noise tensor is drawn: standard normal, or uniform on [0, 1)
 NOISE_KINDS = ("normal", "uniform")
+#: energy-only conditions, log-encoded over 1 GeV .. 1 TeV (the variants for one readout and one particle)
+LOG_ENERGY_CONDITIONS = ConditionSpec(energy_encoding="log", energy_range_mev=(1e3, 1.024e6))
+
+
+def atlas_region(name: str):
+    """The ``atlas-like`` detector's region ``name`` (``showers.detector.Region``): the default readout of
+    the per-region variants. The detector builds its 300 readouts on first use, so it is imported here,
+    when a variant needs it, not with the zoo."""
+    from showers.detector import get_detector
+
+    return get_detector("atlas-like").region(name)
 
 
 @dataclass

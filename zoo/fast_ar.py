@@ -61,15 +61,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from showers.readout import Readout
-from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, log1p, normal_cdf
+from zoo.base import LOG_ENERGY_CONDITIONS, ModelConfig, SearchSpace, ShowerModel, build_variant, log1p, normal_cdf
 
 __all__ = ["FastAR", "FastARConfig"]
 
 # log(E / 1 GeV) / log(1024): the AR model sees energies over three decades, which a linear
 # encoding would squash near 0 at low energies.
-LOG_ENERGY_CONDITIONS = ConditionSpec(energy_encoding="log", energy_range_mev=(1e3, 1.024e6))
 # Transforms that keep zeros at zero and positive values positive: what the zero-inflated mixture needs.
 _SCALING_TRANSFORMS = {"divide_by_incident", "divide_by_constant"}
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

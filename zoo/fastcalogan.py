@@ -43,7 +43,7 @@ from torch import nn
 from showers.campaign import FASTCALOGAN_ENERGIES_MEV
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, sigmoid
+from zoo.base import ModelConfig, SearchSpace, ShowerModel, atlas_region, build_variant, sigmoid
 
 __all__ = ["FastCaloGAN", "FastCaloGANConfig", "MLP", "for_region",
            "fastcalogan", "fastcalogan_pion", "fastcalogan_pbwo4"]
@@ -247,12 +247,6 @@ def _create(variant: str, defaults: dict, overrides: dict) -> FastCaloGAN:
     return build_variant(FastCaloGAN, variant, defaults, overrides)
 
 
-def _atlas_region(name: str):
-    from showers.detector import get_detector  # builds 300 readouts on first use: import lazily
-
-    return get_detector("atlas-like").region(name)
-
-
 def for_region(region, **overrides) -> FastCaloGAN:
     """A FastCaloGAN for any detector region (``showers.detector.Region``): N from its readout.
 
@@ -266,13 +260,13 @@ def fastcalogan(**overrides) -> FastCaloGAN:
     """FastCaloGAN for atlas-like photons at 0.20 < |eta| < 0.25 (CaloChallenge dataset 1 photons), 368 voxels."""
     if "readout" in overrides:  # don't build the detector for nothing
         return _create("fastcalogan", {}, overrides)
-    return for_region(_atlas_region("photon_eta_020_025"), **overrides)
+    return for_region(atlas_region("photon_eta_020_025"), **overrides)
 
 
 @register_model
 def fastcalogan_pion(**overrides) -> FastCaloGAN:
     """FastCaloGAN for atlas-like pions at 0.20 < |eta| < 0.25 (dataset 1 pions' binning), 533 voxels."""
-    defaults = {} if "readout" in overrides else {"readout": _atlas_region("pion_eta_020_025").readout}
+    defaults = {} if "readout" in overrides else {"readout": atlas_region("pion_eta_020_025").readout}
     return _create("fastcalogan_pion", defaults, overrides)
 
 

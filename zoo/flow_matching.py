@@ -44,13 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant
+from zoo.base import LOG_ENERGY_CONDITIONS, ModelConfig, SearchSpace, ShowerModel, atlas_region, build_variant
 
 __all__ = ["FlowMatching", "FlowMatchingConfig", "FlowMatchingSearch"]
 
-LOG_ENERGY_CONDITIONS = ConditionSpec(energy_encoding="log", energy_range_mev=(1e3, 1.024e6))
 SOLVERS = ("euler", "midpoint")
 
 
@@ -232,11 +230,7 @@ def _create(variant: str, defaults: dict, overrides: dict) -> FlowMatching:
 def flow_matching(**overrides) -> FlowMatching:
     """Flow matching for one detector region (by default the atlas-like photons at 0.20 < |eta| < 0.25,
     368 voxels; a fleet gives each region its own readout), energy only, log-encoded."""
-    defaults = {}
-    if "readout" not in overrides:  # the detector builds its 300 readouts on first use: only when needed
-        from showers.detector import get_detector
-
-        defaults["readout"] = get_detector("atlas-like").region("photon_eta_020_025").readout.to_dict()
+    defaults = {} if "readout" in overrides else {"readout": atlas_region("photon_eta_020_025").readout.to_dict()}
     return _create("flow_matching", defaults, overrides)
 
 

@@ -59,7 +59,8 @@ from torch import nn
 
 from showers.transforms import ConditionSpec
 from zoo._registry import register_model
-from zoo.base import ModelConfig, SearchSpace, ShowerModel, build_variant, log1p, normal_cdf, one_minus_exp_neg, sigmoid
+from zoo.base import (LOG_ENERGY_CONDITIONS, ModelConfig, SearchSpace, ShowerModel, atlas_region, build_variant, log1p,
+                      normal_cdf, one_minus_exp_neg, sigmoid)
 
 __all__ = ["Par04VAE", "Par04VAEConfig"]
 
@@ -71,7 +72,6 @@ ENERGY_ONLY_CONDITIONS = ConditionSpec(energy_encoding="linear", energy_scale_me
 # log(E) over 1 GeV - 1 TeV: on the Geant4 PbWO4 file (1-256 GeV), E / 1024 GeV squeezes 1, 2, 4 GeV
 # into [0.001, 0.004] and the decoder ignores them; measured on that file, the log encoding cut the
 # largest longitudinal-profile difference at 1 GeV from 70% to 13% (benchmarks/g4_quality.py).
-LOG_ENERGY_CONDITIONS = ConditionSpec(energy_encoding="log", energy_range_mev=(1e3, 1.024e6))
 
 #: energies of the response table (module docstring): powers of 2 from 1/4 GeV to 2 TeV, in MeV
 RESPONSE_GRID_MEV = 1e3 * 2.0 ** np.arange(-2, 12)
@@ -330,8 +330,6 @@ def par04_vae_region(**overrides) -> Par04VAE:
     log-encoded conditions, voxel fluctuations and response table on a region's readout (by default the
     atlas-like photons at 0.20 < |eta| < 0.25, 368 voxels; a fleet gives each region its own)."""
     defaults = dict(conditions=LOG_ENERGY_CONDITIONS.to_dict(), spot_energy_mev=1.0, response_quantiles=101)
-    if "readout" not in overrides:  # the detector builds its 300 readouts on first use: only when needed
-        from showers.detector import get_detector
-
-        defaults["readout"] = get_detector("atlas-like").region("photon_eta_020_025").readout.to_dict()
+    if "readout" not in overrides:
+        defaults["readout"] = atlas_region("photon_eta_020_025").readout.to_dict()
     return _create("par04_vae_region", defaults, overrides)
