@@ -23,16 +23,24 @@ def _fail(exc: Exception) -> None:
     raise click.ClickException(_one_line(exc)) from exc
 
 
+class _UsageLine(click.ClickException):
+    """A usage error (a bad option value, an unknown command) as one line, with click's exit status 2."""
+
+    exit_code = 2
+
+
 class _Main(click.Group):
     """The command group; what a command lets through of the errors that bad input raises (data,
     configs, registry lookups, files, runtime refusals) still ends in one line and a non-zero exit,
-    not a traceback (``CALOZOO_DEBUG=1`` shows the traceback)."""
+    not a traceback (``CALOZOO_DEBUG=1`` shows the traceback). Usage errors too end in one line,
+    which names the command's ``--help`` instead of printing the usage block above it."""
 
     def invoke(self, ctx):
-        import os
-
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise _UsageLine(f"{' '.join(exc.format_message().split())} (see `{where} --help`)") from exc
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError) as exc:
@@ -155,13 +163,11 @@ def voxelise(path, out_h5, collections, entry) -> None:
     """Voxelise a Geant4 (ddsim) EDM4hep event around its primary particle into a CaloChallenge
     file (energy conserved exactly: voxels + outside = hits), and print where the energy went."""
     from showers.errors import ShowerDataError
-    from showers.formats import write_calochallenge
+    from showers.formats import read_edm4hep_hits, write_calochallenge
     from showers.voxelise import edm4hep_event_to_voxels
 
     try:
         vox, outside, ro = edm4hep_event_to_voxels(path, collections=collections.split(","), entry=entry)
-        from showers.formats import read_edm4hep_hits
-
         primary = read_edm4hep_hits(path, collections=collections.split(","), entry=entry)["primary"]
         write_calochallenge(out_h5, [primary["kinetic_energy"]], vox,
                             {"readout": ro, "source": Path(path).name, "entry": entry, "particle_pdg": primary["pdg"]})

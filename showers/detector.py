@@ -95,7 +95,10 @@ class Detector:
             lo, hi = eta_range
             out = [r for r in out if r.eta_hi > lo and r.eta_lo < hi]
         if not out:
-            raise KeyError(f"no region of detector {self.name!r} matches {patterns!r} {particles!r} {eta_range!r}")
+            asked = [f"{what} {value!r}" for what, value in (("names", patterns), ("particles", particles),
+                                                             ("|eta| range", eta_range)) if value]
+            raise KeyError(f"no region of detector {self.name!r} matches {', '.join(asked)}; its regions are "
+                           f"{self.regions[0].name} ... {self.regions[-1].name} ({len(self.regions)})")
         return out
 
 

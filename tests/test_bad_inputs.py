@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -20,8 +21,13 @@ import torch
 from click.testing import CliRunner
 
 from calozoo.cli import main
+from registry.publish import export_metadata
+from zoo.export import export_onnx
 
 RO = "calochallenge-1-photons"  # 368 voxels
+FIXTURES = Path(__file__).parent / "fixtures"
+#: a CUDA device this machine does not have
+NO_CUDA = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -89,6 +95,12 @@ def inp(tmp_path_factory):
     (d / "truncated.pt").write_bytes(blob[: len(blob) // 2])
     torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
     (d / "notes.pt").write_text("hello")
+    for name, ckpt in (("run_foreign", (d / "foreign.pt").read_bytes()), ("run_text", b"hello")):
+        run = d / name / "checkpoints"
+        run.mkdir(parents=True)
+        (run / "ckpt-000000010.pt").write_bytes(ckpt)
+        index = [{"iteration": 10, "file": "ckpt-000000010.pt", "metrics": {"chi2_sum": 1.0}, "value": 1.0}]
+        (run / "checkpoints.json").write_text(json.dumps(index))
     for name, ckpt in (("run_truncated", blob[: len(blob) // 2]), ("run_garbage_index", blob)):
         run = d / name / "checkpoints"
         run.mkdir(parents=True)
@@ -97,6 +109,13 @@ def inp(tmp_path_factory):
         (run / "checkpoints.json").write_text(json.dumps(index) if name == "run_truncated" else "{garbage")
         (d / name / "mlflow-run.json").write_text(json.dumps({"run_id": "0" * 32, "name": "x", "experiment": "x"}))
     (d / "empty_dir").mkdir()
+    shutil.copy(FIXTURES / "caloclouds3_single_event_example.edm4hep.root", d / "event.edm4hep.root")
+    # a model in the pull cache (as `calozoo generate` finds it offline), conditioned on the energy only
+    version = d / "cache" / "c.fastcalogan.r" / "v1"
+    version.mkdir(parents=True)
+    onnx_file = export_onnx(model, version / "model.onnx", export_metadata(model, state, name="c.fastcalogan.r"))
+    (version / "meta.json").write_text(json.dumps({"name": "c.fastcalogan.r", "version": "1", "source": "planted",
+                                                   "sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest()}))
     # a sweep folder with a planted pickle that others may write
     sweep = d / "sweep"
     (sweep / "tune").mkdir(parents=True)
@@ -114,14 +133,15 @@ def _digest(folder: Path) -> dict:
     return out
 
 
-def _check_message(text: str, *needles: str) -> None:
-    assert "Traceback" not in text, text
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error") or "error" in line.lower()[:20]]
-    assert errors, text
-    assert len(errors) == 1 and "\n" not in errors[0], text
+def _check_cli(res, *needles: str) -> str:
+    """One line on stderr, "Error: ..." naming every needle; no usage block, no traceback anywhere."""
+    assert "Traceback" not in res.output, res.output
+    assert not any(line.startswith(("Usage:", "Try ")) for line in res.output.splitlines()), res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
     for n in needles:
-        assert n.lower() in text.lower(), (n, text)
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    return lines[0]
 
 
 def _cli(inp, args, *needles, env=None, **kw):
@@ -129,7 +149,7 @@ def _cli(inp, args, *needles, env=None, **kw):
     res = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=True, **kw)
     assert res.exit_code not in (0, None), res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    _check_message(res.output, *needles)
+    _check_cli(res, *needles)
     assert _digest(inp) == before, "an input file changed"
     return res
 
@@ -157,19 +177,21 @@ CLI_CASES = {
     "train_set_not_key_value": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "--set", "oops"],
                                 ["KEY=VALUE"]),
     "train_iterations_0": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "--iterations", "0"],
-                           ["iterations", ">= 1"]),
+                           ["iterations", ">= 1", "got 0"]),
     "train_iterations_negative": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
                                    "--iterations", "-5"], ["iterations", "-5"]),
     "train_checkpoint_every_0": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
-                                  "--checkpoint-every", "0"], ["checkpoint_every"]),
+                                  "--checkpoint-every", "0"], ["checkpoint_every", ">= 1", "got 0"]),
     "train_device_nonsense": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "--device", "tpu9"],
-                              ["device", "tpu9"]),
+                              ["device", "tpu9", "cuda:N"]),
+    "train_device_cuda_missing": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "--device", NO_CUDA],
+                                  [NO_CUDA, "CUDA"]),
     "train_val_fraction_1.5": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
                                 "--val-fraction", "1.5"], ["val_fraction", "1.5"]),
     "train_val_fraction_negative": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
-                                     "--val-fraction", "-0.1"], ["val_fraction"]),
+                                     "--val-fraction", "-0.1"], ["val_fraction", "[0, 1)", "-0.1"]),
     "train_min_val_negative": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
-                                "--min-val-per-energy", "-1"], ["min_per_energy"]),
+                                "--min-val-per-energy", "-1"], ["min_per_energy", ">= 0", "-1"]),
     "train_unknown_model": (["train", "nosuchmodel", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP],
                             ["nosuchmodel"]),
     "train_empty_file": (["train", "fastcalogan", "--data", "{d}/empty.h5", "--no-mlflow", "-o", TMP],
@@ -196,15 +218,21 @@ CLI_CASES = {
                                           ["ckpt-000000010.pt", "truncated"]),
     "train_garbage_index": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
                              "-o", "{d}/run_garbage_index"], ["checkpoints.json", "not a checkpoint index"]),
-    "train_init_not_a_checkpoint": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
+    "train_resume_foreign_checkpoint": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
+                                         "-o", "{d}/run_foreign", "--iterations", "20"],
+                                        ["ckpt-000000010.pt", "not a calozoo checkpoint"]),
+    "train_resume_text_checkpoint": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow",
+                                      "-o", "{d}/run_text", "--iterations", "20"],
+                                     ["ckpt-000000010.pt", "not a PyTorch checkpoint"]),
+    "fleet_init_not_a_checkpoint": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
                                      "--init", "{d}/foreign.pt"], ["foreign.pt", "not a calozoo checkpoint"]),
     # fleet: checked before Ray starts
     "fleet_broken_region_file": (["fleet", "fastcalogan", "--data", "{d}/campaign_broken", "--no-mlflow", "-o", TMP],
-                                 ["photon_eta_005_010.h5"]),
+                                 ["photon_eta_005_010.h5", "truncated"]),
     "fleet_unknown_set_key": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
-                               "--set", "nosuchkey=1"], ["nosuchkey"]),
+                               "--set", "nosuchkey=1"], ["nosuchkey", "unknown config field", "known"]),
     "fleet_iterations_0": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
-                            "--iterations", "0"], ["iterations"]),
+                            "--iterations", "0"], ["iterations", ">= 1", "got 0"]),
     "fleet_no_matching_region": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
                                   "--regions", "pion*"], ["pion*"]),
     "fleet_empty_folder": (["fleet", "fastcalogan", "--data", "{d}/empty_dir", "--no-mlflow", "-o", TMP],
@@ -215,13 +243,13 @@ CLI_CASES = {
     # generate: the output path and the numbers are checked before any model is pulled
     "generate_missing_folder": (["generate", "x.y.z@1", "--energies", "1", "--offline", "-o", "{tmp}/no/such/out.h5"],
                                 ["out.h5", "does not exist"]),
-    "generate_onto_folder": (["generate", "x.y.z@1", "--energies", "1", "--offline", "-o", TMP], ["is a folder"]),
+    "generate_onto_folder": (["generate", "x.y.z@1", "--energies", "1", "--offline", "-o", TMP], [TMP, "is a folder"]),
     "generate_n_0": (["generate", "x.y.z@1", "--energies", "1", "-n", "0", "-o", "{tmp}/o.h5"], ["n-per-energy", "0"]),
     "generate_n_negative": (["generate", "x.y.z@1", "--energies", "1", "-n", "-5", "-o", "{tmp}/o.h5"],
                             ["n-per-energy", "-5"]),
     "generate_batch_size_0": (["generate", "x.y.z@1", "--energies", "1", "--batch-size", "0", "-o", "{tmp}/o.h5"],
                               ["batch-size", "0"]),
-    "generate_energies_empty": (["generate", "x.y.z@1", "--energies", "", "-o", "{tmp}/o.h5"], ["energies"]),
+    "generate_energies_empty": (["generate", "x.y.z@1", "--energies", "", "-o", "{tmp}/o.h5"], ["energies", "no energy given"]),
     "generate_energies_text": (["generate", "x.y.z@1", "--energies", "a,b", "-o", "{tmp}/o.h5"], ["energies", "a,b"]),
     "generate_energies_negative": (["generate", "x.y.z@1", "--energies", "-4", "-o", "{tmp}/o.h5"], ["> 0"]),
     "generate_name_dot": (["generate", ".@1", "--energies", "1", "-o", "{tmp}/o.h5"], ["invalid model name"]),
@@ -233,37 +261,55 @@ CLI_CASES = {
     # simulate
     "simulate_n_0": (["simulate", "--no-ray", "-n", "0", "-o", TMP], ["n-per-energy", "0"]),
     "simulate_n_negative": (["simulate", "--no-ray", "-n", "-5", "-o", TMP], ["n-per-energy", "-5"]),
-    "simulate_energies_empty": (["simulate", "--no-ray", "--energies", "", "-o", TMP], ["energies"]),
+    "simulate_energies_empty": (["simulate", "--no-ray", "--energies", "", "-o", TMP], ["energies", "no energy given"]),
     "simulate_unknown_detector": (["simulate", "--no-ray", "--detector", "nope", "-o", TMP], ["unknown detector"]),
-    "simulate_no_region": (["simulate", "--no-ray", "--regions", "nothing_*", "-o", TMP], ["nothing_*"]),
+    "simulate_no_region": (["simulate", "--no-ray", "--regions", "nothing_*", "-o", TMP], ["nothing_*", "its regions are"]),
     # show: the same validated reader as train
     "show_negative_voxels": (["show", "{d}/negative.h5", "-o", "{tmp}/p.png"], ["negative.h5", "negative"]),
     "show_gev": (["show", "{d}/gev_both.h5", "-o", "{tmp}/p.png"], ["gev_both.h5", "looks like GeV"]),
     "show_fill_values": (["show", "{d}/fill.h5", "-o", "{tmp}/p.png"], ["fill.h5", "zero or negative"]),
     "show_empty": (["show", "{d}/empty.h5", "-o", "{tmp}/p.png"], ["empty.h5", "no showers"]),
-    "show_truncated": (["show", "{d}/truncated.h5", "-o", "{tmp}/p.png"], ["truncated.h5"]),
-    "show_max_showers_0": (["show", "{d}/good.h5", "--max-showers", "0"], ["max-showers"]),
+    "show_truncated": (["show", "{d}/truncated.h5", "-o", "{tmp}/p.png"], ["truncated.h5", "truncated HDF5"]),
+    "show_max_showers_0": (["show", "{d}/good.h5", "--max-showers", "0"], ["max-showers", "x>=1"]),
     # validate
     "validate_huge_reference": (["validate", "{d}/good.h5", "{d}/fill.h5", "-o", TMP, "--classifier", "none",
-                                 "--no-distances"], ["fill.h5"]),
-    "validate_truncated": (["validate", "{d}/truncated.h5", "{d}/good.h5", "-o", TMP], ["truncated.h5"]),
+                                 "--no-distances"], ["fill.h5", "zero or negative incident energies"]),
+    # a file that claims 10^9 showers: validate reads only the rows it keeps (strided), never the claim
+    "validate_huge_n": (["validate", "{d}/good.h5", "{d}/huge.h5", "-o", TMP], ["huge.h5", "zero or negative"]),
+    "validate_truncated": (["validate", "{d}/truncated.h5", "{d}/good.h5", "-o", TMP],
+                           ["truncated.h5", "truncated HDF5"]),
     "validate_gev_reference": (["validate", "{d}/good.h5", "{d}/gev_both.h5", "-o", TMP], ["gev_both.h5", "GeV"]),
-    "validate_max_showers_0": (["validate", "{d}/good.h5", "{d}/good.h5", "--max-showers", "0"], ["max-showers"]),
+    "validate_max_showers_0": (["validate", "{d}/good.h5", "{d}/good.h5", "--max-showers", "0"], ["max-showers", "x>=1"]),
     # registry and tracking
     "mlflow_sync_empty_folder": (["mlflow-sync", "{d}/empty_dir"], ["empty_dir", "not a tracked run folder"]),
     "tune_resume_planted_pickle": (["tune", "--resume", "{d}/sweep", "--no-mlflow"],
                                    ["refusing to resume", "tuner.pkl", "writable by others"]),
     "tune_resume_not_a_sweep": (["tune", "--resume", "{d}/empty_dir", "--no-mlflow"], ["not a sweep folder"]),
-    "tune_no_model": (["tune", "--no-mlflow"], ["MODEL"]),
+    "tune_no_model": (["tune", "--no-mlflow"], ["MODEL", "--data", "--resume"]),
+    # a model that is not conditioned on the angle or the geometry (from the cache, offline)
+    "generate_angle_not_conditioned": (["generate", "c.fastcalogan.r@1", "--offline", "--energies", "4",
+                                        "--angle", "30", "-o", "{tmp}/o.h5"], ["not conditioned on the angle"]),
+    "generate_geometry_not_conditioned": (["generate", "c.fastcalogan.r@1", "--offline", "--energies", "4",
+                                           "--geometry", "SiW", "-o", "{tmp}/o.h5"],
+                                          ["not conditioned on the geometry"]),
+    # an EDM4hep file without the hit collections asked for
+    "voxelise_no_hit_collection": (["voxelise", "{d}/event.edm4hep.root", "--collections", "NoSuchHits",
+                                    "-o", "{tmp}/v.h5"], ["event.edm4hep.root", "no calorimeter hit collection"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_bad_input(case, inp, tmp_path, monkeypatch):
+    import ray
+
     monkeypatch.chdir(tmp_path)
-    args, needles = CLI_CASES[case]
-    args = [a.replace("{d}", str(inp)).replace("{tmp}", str(tmp_path)) for a in args]
+    monkeypatch.setenv("CALOZOO_CACHE", str(inp / "cache"))
+    args, needles = ([a.replace("{d}", str(inp)).replace("{tmp}", str(tmp_path)) for a in part]
+                     for part in CLI_CASES[case])
+    ray_before = ray.is_initialized()
     _cli(inp, args, *needles)
+    if case.startswith("fleet_") and not ray_before:
+        assert not ray.is_initialized(), "the fleet started Ray before checking its input"
 
 
 def test_cli_models_with_a_dead_server(inp, tmp_path):
@@ -302,9 +348,16 @@ def test_cli_mlflow_sync_into_the_recorded_store_only(inp, tmp_path, monkeypatch
     assert run.pending()
     other = tmp_path / "other.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    before = _digest(run_dir)
     res = CliRunner().invoke(main, ["mlflow-sync", str(run_dir)])
-    assert res.exit_code != 0 and dead in res.output and "still pending" in res.output, res.output
+    assert res.exit_code != 0, res.output
+    _check_cli(res, dead, "still pending")
     assert not other.exists()  # nothing went to the shell's store
+    assert _digest(run_dir) == before  # the pending log is kept for a later sync
+    # into another store only when asked for by name: then everything is logged there
+    res = CliRunner().invoke(main, ["mlflow-sync", str(run_dir), "--tracking-uri", f"sqlite:///{other}"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert other.exists() and not run.pending()
 
 
 # -- API cases ---------------------------------------------------------------------------------------
@@ -317,6 +370,28 @@ def _fake_generator(conditioned_on_angle=False, geometries=()):
     gen.condition_spec = ConditionSpec(use_angle=conditioned_on_angle, geometries=tuple(geometries))
     gen.noise_dim, gen.n_voxels = 4, 368
     return gen
+
+
+def _pull_beside_the_cache(d: Path, pull):
+    """``pull("..@1")`` with a whole, checksummed model planted where ``..`` would lead (the cache's
+    parent): a pinned version there must not be served."""
+    import os
+
+    cache = d / "cache"
+    assert (cache.parent / "v1").exists() is False
+    old = os.environ.get("CALOZOO_CACHE")
+    os.environ["CALOZOO_CACHE"] = str(cache)
+    try:
+        shutil.copytree(cache / "c.fastcalogan.r" / "v1", d / "v1")
+        try:
+            return pull("..@1", offline=True)
+        finally:
+            shutil.rmtree(d / "v1")
+    finally:
+        if old is None:
+            os.environ.pop("CALOZOO_CACHE")
+        else:
+            os.environ["CALOZOO_CACHE"] = old
 
 
 def _api_cases():
@@ -372,6 +447,8 @@ def _api_cases():
                                         tree="metadata"),
             ShowerDataError, ["edm4hep.root", "no calorimeter hit collection"]),
         "pull_dotdot_cached_version": (lambda d: pull("..@1", offline=True), RegistryError, ["invalid model name"]),
+        "pull_dotdot_planted_version": (lambda d: _pull_beside_the_cache(d, pull), RegistryError,
+                                        ["invalid model name", "'..'"]),
         "pull_dot": (lambda d: pull(".", uri="http://127.0.0.1:9"), RegistryError, ["invalid model name"]),
         "pull_long_name": (lambda d: pull("n" * 5000, offline=True), RegistryError, ["invalid model name"]),
         "pull_control_character": (lambda d: pull("a\nb", offline=True), RegistryError, ["invalid model name"]),
@@ -406,6 +483,71 @@ def test_a_deleted_index_is_rebuilt_from_the_checkpoints(inp, tmp_path):
     mgr = CheckpointManager(d)
     assert [e["iteration"] for e in mgr.entries] == [10, 20] and mgr.latest().name == "ckpt-000000020.pt"
     assert mgr.best()["iteration"] == 20 and (d / "checkpoints.json").exists()
+
+
+def test_train_after_its_index_was_deleted_continues_and_keeps_the_checkpoints(inp, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "fastcalogan", "--data", str(inp / "good.h5"), "--no-mlflow", "-o", str(run),
+            "--checkpoint-every", "10", "--set", "batch_size=16"]
+    res = CliRunner().invoke(main, base + ["--iterations", "20"])
+    assert res.exit_code == 0, res.output
+    ck = run / "checkpoints"
+    (ck / "checkpoints.json").unlink()
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ck.glob("ckpt-*.pt")}
+    assert sorted(kept) == ["ckpt-000000010.pt", "ckpt-000000020.pt"]
+    res = CliRunner().invoke(main, base + ["--iterations", "30"])
+    assert res.exit_code == 0, res.output
+    # it went on from iteration 20: the two checkpoints are the same files, untouched, and one more
+    assert {n: (ck / n).stat().st_ino for n in kept} == {n: v[0] for n, v in kept.items()}
+    assert {n: (ck / n).stat().st_mtime_ns for n in kept} == {n: v[1] for n, v in kept.items()}
+    index = json.loads((ck / "checkpoints.json").read_text())
+    assert [e["iteration"] for e in index] == [10, 20, 30]
+
+
+def test_a_killed_campaign_leaves_nothing_behind_after_its_rerun(tmp_path):
+    """SIGKILL a campaign while it writes its region file; the rerun removes the temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = tmp_path / "campaign"
+    args = [sys.executable, "-m", "calozoo", "simulate", "--no-ray", "--regions", "photon_eta_000_005",
+            "--energies", "1,4,16,64,256", "-o", str(out)]
+    proc = subprocess.Popen(args + ["-n", "20000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = list(out.glob(".*.tmp"))
+    assert left and not (out / "photon_eta_000_005.h5").exists()
+    subprocess.run(args + ["-n", "20"], env=env, check=True, capture_output=True)
+    assert not list(out.glob(".*.tmp")) and (out / "photon_eta_000_005.h5").exists()
+
+
+def test_validate_memory_is_bounded_by_the_rows_it_keeps(tmp_path):
+    """Reading 100 of 5000 showers allocates about 100 showers' worth, not the file's 7 MB."""
+    import tracemalloc
+
+    import showers.formats as fm
+
+    e, x, _ = _showers(2500)
+    path = _h5(tmp_path / "big.h5", e, x)
+    whole = x.nbytes
+    del x
+    tracemalloc.start()
+    try:
+        E, X, _, n = fm.read_strided(path, max_showers=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 5000 and X.shape == (100, 368)
+    assert peak < whole / 10, (peak, whole)
 
 
 def test_stale_tmp_files_of_a_killed_writer_are_removed(tmp_path):
@@ -452,4 +594,4 @@ def test_validate_reads_only_the_rows_it_keeps(tmp_path, monkeypatch):
 
 
 def test_the_module_has_enough_cases():
-    assert len(CLI_CASES) + len(_api_cases()) + 5 >= 60
+    assert len(CLI_CASES) + len(_api_cases()) >= 60

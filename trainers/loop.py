@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from showers.atomic import tmp_path
+from showers.atomic import remove_stale, tmp_path
 from trainers.bank import Bank, bank_groups
 from trainers.data import ShowerData, energy_points
 from validate.metrics import checkpoint_metrics
@@ -280,6 +280,8 @@ class _Heartbeat:
 
     def __init__(self, run_dirs: list[Path], iterations: int, every: float = 2.0):
         self.paths = [d / PROGRESS_FILE for d in run_dirs]
+        for d in run_dirs:  # what a killed run's last write left
+            remove_stale(d, PROGRESS_FILE)
         self.iterations, self.every, self.last = iterations, every, 0.0
 
     def __call__(self, done: int) -> None:
