@@ -1,6 +1,10 @@
 """Shared test set-up."""
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -23,3 +27,20 @@ def _private_stores(tmp_path_factory):
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     os.environ.setdefault("CALOZOO_CACHE", str(root / "cache"))
     yield
+
+
+_TEMPLATE: list[Path] = []
+
+
+def mlflow_store(path) -> str:
+    """``sqlite:///PATH``: a new, empty MLflow store at ``path``, copied from one that MLflow built once
+    for the session (building a store's schema takes about 2 s on 2 cores, a copy milliseconds)."""
+    if not _TEMPLATE:
+        from mlflow import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="calozoo-mlflow-template-"))
+        atexit.register(shutil.rmtree, folder, True)
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        _TEMPLATE.append(folder / "mlflow.db")
+    shutil.copyfile(_TEMPLATE[0], path)
+    return f"sqlite:///{path}"

@@ -12,12 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 from calozoo.cli import main
+from .conftest import mlflow_store
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CALOZOO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"

@@ -20,6 +20,7 @@ from showers.campaign import list_regions
 from trainers.data import DataSplit
 from trainers.fleet import FleetConfig, assign_regions, run_fleet
 from trainers.loop import TrainConfig
+from .conftest import mlflow_store
 
 ITERATIONS, EVERY = 40, 10
 
@@ -95,7 +96,7 @@ def test_fleet_survives_losing_a_node(campaign, tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     # a head that trains nothing and three one-CPU nodes for two workers: the spare takes the place
     # of the node that goes (an autoscaler's replacement; Cluster.add_node needs the main thread)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

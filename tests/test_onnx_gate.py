@@ -29,6 +29,7 @@ from zoo import create_model, list_models
 from zoo.base import log1p, one_minus_exp_neg, sigmoid
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 from zoo.export import onnx_session, relative_difference
+from .conftest import mlflow_store
 
 SMALL_READOUT = Readout.regular("gate-small", 5, 4, [0.0, 5.0, 10.0, 20.0, 40.0], 8.903).to_dict()  # 80 voxels
 AR_READOUT = Readout.regular("gate-ar", 3, 4, [0.0, 5.0, 10.0, 20.0], 8.903).to_dict()  # 3 unrolled layers
@@ -152,7 +153,7 @@ def store(tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         # the validation plot is another test's business (test_registry); it costs seconds per run here
         mp.setattr(calozoo.tracked, "validation_plot", lambda *a, **k: None)
-        yield f"sqlite:///{root / 'mlflow.db'}", root
+        yield mlflow_store(root / "mlflow.db"), root
 
 
 @pytest.mark.parametrize("name", sorted(GATE))

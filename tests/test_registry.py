@@ -27,6 +27,7 @@ from trainers.loop import TrainConfig
 from zoo import model_from_checkpoint
 from zoo.export import relative_difference
 from zoo.fastcalogan import for_region
+from .conftest import mlflow_store
 
 ENERGIES = (4000.0, 16000.0, 64000.0)
 
@@ -45,7 +46,7 @@ def split():
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("CALOZOO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return mlflow_store(tmp_path / "mlflow.db")
 
 
 def tiny_gan(seed: int = 0):
@@ -134,7 +135,7 @@ def test_a_recreated_store_with_the_same_names_is_not_served_from_the_cache(spli
     energies = np.array([4000.0, 64000.0] * 4)
     outputs = []
     for i, seed in enumerate((0, 1)):
-        uri = f"sqlite:///{tmp_path / f'store{i}.db'}"
+        uri = mlflow_store(tmp_path / f"store{i}.db")
         train_run(split, tmp_path / f"run{i}", uri, seed=seed)
         pub = publish(tmp_path / f"run{i}", uri=uri)
         assert pub.version == "1"

@@ -17,6 +17,7 @@ from calozoo.tracked import run_tracked_sweep
 from showers.campaign import CampaignSpec, run_campaign
 from showers.detector import get_detector
 from tune.sweep import SweepConfig, resume_sweep, retrain_best
+from .conftest import mlflow_store
 
 TRIAL_ID = re.compile(r"^[0-9a-f]{5}_[0-9]{5}$")
 
@@ -64,7 +65,7 @@ def children_of(uri, parent_name):
 
 @pytest.mark.timeout(600)
 def test_asha_stops_bad_trials_and_the_best_retrains(data, ray_local, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     # etot_shift: after tens of iterations every model is still off the narrow E_tot peak, where the
     # chi2 sum is saturated (all trials tie and ASHA has nothing to cut)
     cfg = sweep(data, tmp_path / "asha", mode="asha", num_samples=6, max_concurrent=1, grace_period=1,

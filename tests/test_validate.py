@@ -27,6 +27,7 @@ from validate.distances import fpd, frechet_distance, kpd
 from validate.features import compare_features, high_level_features
 from validate.fleet import parse_threshold, summarise, write_summary
 from validate.report import ValidateConfig, read_sample, validate_samples
+from .conftest import mlflow_store
 
 
 # -- FPD and KPD -------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def test_report_of_a_sample_against_itself_and_against_another_seed(samples, tmp
 def test_validate_command_writes_the_report_and_logs_it_to_mlflow(samples, tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     readout, e, x1, x2 = samples
     gen, ref = _write(tmp_path / "gen.h5", e, 0.8 * x2, readout), _write(tmp_path / "ref.h5", e, x1, readout)
     out = tmp_path / "report"
