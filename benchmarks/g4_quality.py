@@ -1,5 +1,6 @@
 """Train the model families on real Geant4 showers and report their quality per energy, next to
-the Geant4-against-Geant4 floor measured the same way.
+the Geant4-against-Geant4 floor measured the same way. ``--leave-out 32`` keeps an energy out of
+training and checkpoint selection (it is only in the report): the same figures for interpolation.
 
     .venv/bin/python benchmarks/g4_quality.py --data ../shared/g4showers/pbwo4_electrons_main.h5 \
         --models par04_vae_pbwo4:30000:1000 fastcalogan_pbwo4:3000 fast_ar:3000 --out out/quality
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--classifier-epochs", type=int, default=30)
     ap.add_argument("--reuse", action="store_true", help="Use the best checkpoint already in OUT/NAME if any.")
+    ap.add_argument("--leave-out", default="", metavar="GEV[,GEV]",
+                    help="Energies kept out of training and checkpoint selection, only in the report (interpolation).")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Config overrides (JSON values) for every model of this run, e.g. kl_weight=0.01.")
     args = ap.parse_args()
@@ -55,6 +58,14 @@ def main():
     data = load_showers(args.data, readout=args.readout)
     rest, report = split_validation(data, fraction=0.0, min_per_energy=100, seed=1)
     tr, select = split_validation(rest, fraction=0.0, min_per_energy=50, seed=2)
+    pool = tr  # the floor's Geant4 sample (left-out energies included)
+    left_out = [float(x) * 1000.0 for x in args.leave_out.split(",") if x.strip()]
+    if left_out:
+        tr, select = (d.subset(np.flatnonzero(~np.isin(d.energy, left_out))) for d in (tr, select))
+        missing = [e / 1000.0 for e in left_out if e not in report.energy]
+        if missing:
+            raise SystemExit(f"--leave-out {missing} GeV: not an energy of {args.data}")
+        print(f"left out of training and selection: {[e / 1000.0 for e in left_out]} GeV (report only)")
     print(f"{len(tr)} training, {len(select)} selection, {len(report)} report showers ({data.readout.name})")
     ro = data.readout
     ccfg = ClassifierConfig(epochs=args.classifier_epochs)
@@ -62,14 +73,14 @@ def main():
 
     # the floor: Geant4 against Geant4, with the report set's sizes
     rng = np.random.default_rng(3)
-    idx = np.concatenate([rng.choice(np.flatnonzero(tr.energy == e), (report.energy == e).sum(), replace=False)
+    idx = np.concatenate([rng.choice(np.flatnonzero(pool.energy == e), (report.energy == e).sum(), replace=False)
                           for e in np.unique(report.energy)])
-    floor_rows = compare_per_energy(tr.showers[idx], tr.energy[idx], report.showers, report.energy, ro)
-    floor_auc = classifier_auc(low_level_features(tr.showers[idx], tr.energy[idx]), x_report, ccfg)["auc"]
+    floor_rows = compare_per_energy(pool.showers[idx], pool.energy[idx], report.showers, report.energy, ro)
+    floor_auc = classifier_auc(low_level_features(pool.showers[idx], pool.energy[idx]), x_report, ccfg)["auc"]
     results = {"floor": {"rows": floor_rows, "auc": floor_auc}}
     print_table("Geant4 vs Geant4 (floor)", floor_rows, floor_auc)
     vcfg = ValidateConfig(classifier="cpu", classifier_epochs=args.classifier_epochs, labels=("Geant4", "model"))
-    reports = {"Geant4 (floor)": validate_samples(tr.energy[idx], tr.showers[idx], report.energy, report.showers, ro,
+    reports = {"Geant4 (floor)": validate_samples(pool.energy[idx], pool.showers[idx], report.energy, report.showers, ro,
                                                   out / "floor" / "validation", vcfg, title="Geant4 vs Geant4 (floor)")}
 
     for spec in args.models:
