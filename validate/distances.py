@@ -26,7 +26,6 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-from scipy import linalg
 from scipy.optimize import curve_fit
 from scipy.stats import iqr
 
@@ -59,18 +58,22 @@ def _features(real, gen, normalise: bool) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½) of two Gaussians (the numerically stable form used
-    for FID: a small diagonal offset when the product is singular, imaginary rounding dropped)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½) of two Gaussians.
+
+    Tr (Σ₁Σ₂)^½ is the sum of the square roots of the eigenvalues of Σ₁^½ Σ₂ Σ₁^½, which has the same
+    eigenvalues as Σ₁Σ₂ and is symmetric: two symmetric eigendecompositions instead of the general
+    matrix square root of FID's usual form (``scipy.linalg.sqrtm``), the same value, several times
+    faster for the hundreds of calls of :func:`fpd`, and no warning or imaginary rounding when the
+    covariances are singular (a feature constant in a sample): eigenvalues below zero by rounding are 0."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def _linear(x, intercept, slope):
