@@ -375,23 +375,11 @@ def _fake_generator(conditioned_on_angle=False, geometries=()):
 def _pull_beside_the_cache(d: Path, pull):
     """``pull("..@1")`` with a whole, checksummed model planted where ``..`` would lead (the cache's
     parent): a pinned version there must not be served."""
-    import os
-
-    cache = d / "cache"
-    assert (cache.parent / "v1").exists() is False
-    old = os.environ.get("CALOZOO_CACHE")
-    os.environ["CALOZOO_CACHE"] = str(cache)
+    shutil.copytree(d / "cache" / "c.fastcalogan.r" / "v1", d / "v1")
     try:
-        shutil.copytree(cache / "c.fastcalogan.r" / "v1", d / "v1")
-        try:
-            return pull("..@1", offline=True)
-        finally:
-            shutil.rmtree(d / "v1")
+        return pull("..@1", offline=True)
     finally:
-        if old is None:
-            os.environ.pop("CALOZOO_CACHE")
-        else:
-            os.environ["CALOZOO_CACHE"] = old
+        shutil.rmtree(d / "v1")
 
 
 def _api_cases():
@@ -465,7 +453,8 @@ def _api_cases():
 
 
 @pytest.mark.parametrize("case", sorted(_api_cases()))
-def test_api_bad_input(case, inp):
+def test_api_bad_input(case, inp, monkeypatch):
+    monkeypatch.setenv("CALOZOO_CACHE", str(inp / "cache"))
     fn, exc, needles = _api_cases()[case]
     _api(inp, lambda: fn(inp), exc, *needles)
 

@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
@@ -140,8 +141,6 @@ def _run(argv: list[str], home: Path, env: dict, in_process: bool) -> tuple[int,
     res = CliRunner().invoke(main, argv[1:], env=changed, catch_exceptions=True)
     out = res.output.strip()
     if res.exception is not None and not isinstance(res.exception, SystemExit):
-        import traceback
-
         out += "\nTraceback (in process):\n" + "".join(traceback.format_exception(res.exception))
     return res.exit_code, out
 

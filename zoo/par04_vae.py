@@ -69,9 +69,6 @@ PAR04_CONDITIONS = ConditionSpec(energy_encoding="linear", energy_scale_mev=1.02
                                  angle_max_deg=90.0, geometries=("SiW", "SciPb"))
 # Energy only (normal incidence, one geometry), same linear scale as Par04.
 ENERGY_ONLY_CONDITIONS = ConditionSpec(energy_encoding="linear", energy_scale_mev=1.024e6)
-# log(E) over 1 GeV - 1 TeV: on the Geant4 PbWO4 file (1-256 GeV), E / 1024 GeV squeezes 1, 2, 4 GeV
-# into [0.001, 0.004] and the decoder ignores them; measured on that file, the log encoding cut the
-# largest longitudinal-profile difference at 1 GeV from 70% to 13% (benchmarks/g4_quality.py).
 
 #: energies of the response table (module docstring): powers of 2 from 1/4 GeV to 2 TeV, in MeV
 RESPONSE_GRID_MEV = 1e3 * 2.0 ** np.arange(-2, 12)
