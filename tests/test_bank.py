@@ -151,6 +151,32 @@ def test_bank_of_three_equals_three_trainings(name, tmp_path):
                if v.is_floating_point())
 
 
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(iteration: int, last: int = 2):
+    """A ``log`` that stops training once model ``last`` has saved ``iteration``."""
+    def log(i, record, done):
+        if done == iteration and i == last:
+            raise _Killed
+    return log
+
+
+def test_learning_rate_schedules():
+    fm = Bank([create_model("flow_matching", **SMALL["flow_matching"])], [synthetic(create_model("flow_matching"), 8, 0)])
+    vae = Bank([create_model("par04_vae", **SMALL["par04_vae"])], [synthetic(create_model("par04_vae"), 8, 0)])
+    base = fm.models[0].config.learning_rate
+    assert fm.models[0].config.lr_schedule == "cosine" and not hasattr(vae.models[0].config, "lr_schedule")
+    for progress, factor in ((0.0, 1.0), (0.25, 0.5 + 0.5 * np.cos(np.pi / 4)), (0.5, 0.5), (1.0, 0.0)):
+        fm.anneal(progress)
+        vae.anneal(progress)
+        assert [g["lr"] for g in fm.step_fn.opt.opt.param_groups] == [pytest.approx(base * factor, abs=1e-12)]
+        assert [g["lr"] for g in vae.step_fn.opt.opt.param_groups] == [vae.models[0].config.learning_rate]
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        create_model("flow_matching", lr_schedule="linear")
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_bank_of_three_resumes_exactly(name, tmp_path):
     models = build(name)
@@ -160,7 +186,8 @@ def test_bank_of_three_resumes_exactly(name, tmp_path):
     dirs_a = [tmp_path / f"a{j}" for j in range(3)]
     dirs_b = [tmp_path / f"b{j}" for j in range(3)]
     train_models(build(name), trs, vas, TrainConfig(iterations=4, **cfg), dirs_a, seeds=SEEDS)
-    train_models(build(name), trs, vas, TrainConfig(iterations=2, **cfg), dirs_b, seeds=SEEDS)  # "killed" at 2
+    with pytest.raises(_Killed):  # killed after the save round of iteration 2 (same config: lr schedules)
+        train_models(build(name), trs, vas, TrainConfig(iterations=4, **cfg), dirs_b, seeds=SEEDS, log=_kill_at(2))
     fresh = build(name)
     for m in fresh:  # other weights: resuming must load them
         for p in m.parameters():

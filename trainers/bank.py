@@ -30,6 +30,7 @@ needed either: a bank's models share their config.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import numpy as np
@@ -38,9 +39,20 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from trainers.data import ShowerData
-from zoo.base import ShowerModel
+from zoo.base import LR_SCHEDULES, ShowerModel
 
 __all__ = ["Bank", "bank_groups", "bank_key"]
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The factor on a model's ``learning_rate`` at a fraction ``progress`` of the run under its
+    ``lr_schedule`` (``zoo.base.LR_SCHEDULES``): a function of the iteration alone, so a resumed run
+    takes the same steps as an uninterrupted one."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
 def bank_key(model: ShowerModel) -> tuple:
@@ -75,12 +87,16 @@ class _Adam:
     single model's Adam (``state_dict``), which is what a checkpoint holds."""
 
     def __init__(self, bank: Bank, names: list[str], lr: float, betas=(0.9, 0.999)):
-        self.bank, self.names = bank, names
+        self.bank, self.names, self.base_lr = bank, names, lr
         fused = True if bank.device.type == "cuda" else None
         self.opt = torch.optim.Adam([bank.params[n] for n in names], lr=lr, betas=betas, fused=fused)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+
+    def scale_lr(self, factor: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.base_lr * factor
 
     def step(self) -> None:
         self.opt.step()
@@ -221,6 +237,12 @@ class Bank:
     def evaluate(self, method: str, batch: dict) -> dict[str, torch.Tensor]:
         """``models[i].method(batch[i])`` for every model at once: a dict of (K,) tensors."""
         return self._calls[method](self.params, self.buffers, batch)
+
+    def anneal(self, progress: float) -> None:
+        """Set the learning rates for a fraction ``progress`` of the run (the models' ``lr_schedule``)."""
+        factor = lr_factor(_hp(self.models[0], "lr_schedule", "constant"), progress)
+        for opt in self.step_fn.optimisers.values():
+            opt.scale_lr(factor)
 
     def step(self, autocast) -> dict[str, torch.Tensor]:
         """One training iteration of all K models; returns each model's losses, (K,) tensors."""

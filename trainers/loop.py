@@ -236,6 +236,7 @@ def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_da
     for it in range(start, cfg.iterations):
         if schedules is not None and (it == start or it % cfg.incremental_every == 0):
             bank.restrict([s[: min(1 + it // cfg.incremental_every, len(s))] for s in schedules])
+        bank.anneal(it / cfg.iterations)
         losses = bank.step(autocast)
         done = it + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:

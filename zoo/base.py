@@ -39,9 +39,13 @@ from torch import nn
 from showers.readout import Readout, get_readout
 from showers.transforms import ConditionSpec, build_transform, encode_conditions
 
-__all__ = ["LOG_ENERGY_CONDITIONS", "NOISE_KINDS", "ConfigError", "ModelConfig", "SearchSpace", "ShowerModel",
+__all__ = ["LOG_ENERGY_CONDITIONS", "LR_SCHEDULES", "NOISE_KINDS", "ConfigError", "ModelConfig", "SearchSpace", "ShowerModel",
            "atlas_region", "build_variant", "family_class", "log1p", "model_from_checkpoint", "normal_cdf",
            "one_minus_exp_neg", "sigmoid"]
+
+#: learning-rate schedules a family's config may name in ``lr_schedule`` (the trainer reads it beside
+#: ``learning_rate``; ``trainers.bank.lr_factor``): constant, or cosine annealing to zero over the run
+LR_SCHEDULES = ("constant", "cosine")
 
 #: how a training noise tensor is drawn: standard normal, or uniform on [0, 1)
 NOISE_KINDS = ("normal", "uniform")
@@ -84,6 +88,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> ModelConfig:
+        """The config a checkpoint holds; fields it lacks take what they meant when it was written
+        (a family overrides this when a new field's default differs from that), unknown ones are dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 @dataclass
@@ -370,8 +381,7 @@ def family_class(family: str) -> type:
 def model_from_checkpoint(state: dict) -> ShowerModel:
     """Rebuild a model from a checkpoint dict (``family``, ``variant``, ``config``, ``model``)."""
     cls = family_class(state["family"])
-    known = {f.name for f in dataclasses.fields(cls.config_class)}
-    config = cls.config_class(**{k: v for k, v in state["config"].items() if k in known})
+    config = cls.config_class.from_saved(state["config"])
     model = cls(config, variant=state.get("variant", ""))
     model.load_state_dict(state["model"])
     return model
