@@ -96,6 +96,8 @@ def main():
                                                        device=args.device, progress=False), out / name)
             best = res.best
         model = model_from_checkpoint(load_checkpoint(out / name / "checkpoints" / best["file"]))
+        if reused:  # what the model keeps of its data, from the same split: the statistics a newer version adds
+            model.fit_data(tr.energy, tr.showers)
         model.to("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         gen = model.sample(report.energy, generator=torch.Generator(device=model.device).manual_seed(7)).cpu().numpy()
         rows = compare_per_energy(gen, report.energy, report.showers, report.energy, ro)

@@ -9,7 +9,18 @@ energy in each voxel:
   The response is one dimension of its own because its spread (about 1 % in PbWO4) is far narrower
   than any layer's: as a sum of independently drawn layer energies it would come out too wide;
 - **shape model**: the voxel shares u_i = E_i / E_layer(i), through z_i = log(u_i + ``voxel_floor``)
-  standardised per voxel, given the standardised layer energies y and the incident energy.
+  standardised per voxel, given the standardised layer energies y and the incident energy. An empty
+  voxel is below log(``voxel_floor``) and a hit above it; in training empty voxels are spread uniformly
+  over [log(floor) - 1, log(floor)] (dequantisation), since a velocity field smears a point mass to both
+  sides, which would turn empty voxels into tiny hits.
+
+``shape_model`` "layers" (default): one velocity field for the voxels of every layer, padded to the
+widest layer and told which layer it is (one-hot), that layer's energy and its neighbours' and all of y:
+its weights see every layer of every shower (45 samples a shower in the PbWO4 readout), which a small
+training set needs. "voxels": one MLP over all voxels at once (the first version; measured against it
+in the README). With ``symmetric_alpha`` (the PbWO4 variant: a beam along the axis of a cylindrical
+readout) each training shower is turned by a random whole number of alpha bins and mirrored half the
+time, the same shower for such a detector.
 
 Each is a velocity field v(x_t, t, context) (an MLP; t enters with sine and cosine features) trained by
 conditional flow matching on the straight path from a standard normal x_0 to the data x_1 (Lipman et al.
@@ -45,11 +56,14 @@ import torch
 from torch import nn
 
 from zoo._registry import register_model
-from zoo.base import LOG_ENERGY_CONDITIONS, ModelConfig, SearchSpace, ShowerModel, atlas_region, build_variant
+from zoo.base import LOG_ENERGY_CONDITIONS, LR_SCHEDULES, ModelConfig, SearchSpace, ShowerModel, atlas_region, build_variant
 
 __all__ = ["FlowMatching", "FlowMatchingConfig", "FlowMatchingSearch"]
 
 SOLVERS = ("euler", "midpoint")
+SHAPE_MODELS = ("layers", "voxels")
+#: generation keeps each voxel's log share below the largest seen in training near its energy plus this
+SHAPE_MAX_MARGIN = 0.5
 
 
 @dataclass
@@ -57,25 +71,37 @@ class FlowMatchingConfig(ModelConfig):
     """Config of :class:`FlowMatching` (module docstring).
 
     energy_widths, shape_widths: hidden widths of the two velocity MLPs.
+    shape_model: "layers" (one velocity field shared by all layers) or "voxels" (one over all voxels).
+    symmetric_alpha: train on showers turned and mirrored in alpha (a beam along the readout's axis).
     time_features: sine/cosine pairs of t fed to both (plus t itself).
     n_steps, solver: the fixed-step integration of generation (``euler`` or ``midpoint``). Six midpoint
         steps (12 velocity evaluations): from one trained checkpoint, 12 gave the same held-out
         classifier AUC and E_tot/E_inc at half the speed, and Euler with 6 or 4 a little worse
         (``benchmarks/fm_steps.py``; the straight-path field is close to straight).
     layer_floor, voxel_floor: the offsets of the two log transforms (fractions of E_inc and of a layer).
-    learning_rate, batch_size: read by the likelihood trainer.
+    hit_quantile: generated voxels below this quantile of the training data's non-zero voxel energies
+        are set to zero (0: none), their energy given to the rest of their layer.
+    energy_knots: the standardisation's mean and spread of every dimension are piecewise linear in
+        log E_inc between this many knots (1: one mean and spread for all energies).
+    learning_rate, lr_schedule, batch_size: read by the likelihood trainer (``lr_schedule``: one of
+        ``zoo.base.LR_SCHEDULES``; "cosine" anneals to zero over the run's iterations).
     """
 
     readout: dict | str = "g4-pbwo4"
     conditions: dict = field(default_factory=LOG_ENERGY_CONDITIONS.to_dict)
     energy_widths: tuple[int, ...] = (128, 128, 128)
-    shape_widths: tuple[int, ...] = (512, 512, 512)
+    shape_model: str = "layers"
+    symmetric_alpha: bool = False
+    shape_widths: tuple[int, ...] = (256, 256, 256)
     time_features: int = 4
     n_steps: int = 6
     solver: str = "midpoint"
     layer_floor: float = 1e-5
     voxel_floor: float = 1e-5
+    energy_knots: int = 9
+    hit_quantile: float = 0.005
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"
     batch_size: int = 128
 
     def __post_init__(self) -> None:
@@ -87,12 +113,27 @@ class FlowMatchingConfig(ModelConfig):
                              f"{self.shape_widths}")
         if self.n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {self.n_steps}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.shape_model not in SHAPE_MODELS:
+            raise ValueError(f"shape_model must be one of {SHAPE_MODELS}, got {self.shape_model!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if not 0.0 <= self.hit_quantile < 1.0:
+            raise ValueError(f"hit_quantile must be in [0, 1), got {self.hit_quantile}")
+        if self.energy_knots < 1:
+            raise ValueError(f"energy_knots must be >= 1, got {self.energy_knots}")
         if self.time_features < 0:
             raise ValueError(f"time_features must be >= 0, got {self.time_features}")
         if not (self.layer_floor > 0 and self.voxel_floor > 0):
             raise ValueError(f"layer_floor and voxel_floor must be > 0, got {self.layer_floor}, {self.voxel_floor}")
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> FlowMatchingConfig:
+        """Checkpoints written before ``shape_model`` and ``lr_schedule`` existed: the all-voxel MLP, trained
+        at a constant learning rate."""
+        return super().from_saved({"shape_model": "voxels", "lr_schedule": "constant", "energy_knots": 1,
+                                   "hit_quantile": 0.0, **saved})
 
 
 @dataclass
@@ -135,17 +176,48 @@ class FlowMatching(ShowerModel):
         layer_of = self.readout.voxel_layer
         onehot = np.zeros((self.n_voxels, self.n_layers), dtype=np.float32)
         onehot[np.arange(self.n_voxels), [active.index(int(l)) for l in layer_of]] = 1.0
-        # voxel → layer sums (x @ M) and layer → voxel broadcasts (y @ M.T), as matrix products: no
-        # scatter or gather, so the same ops run under vmap, in ONNX and on any device
+        # voxel → layer sums (x @ M) and layer → voxel broadcasts (y @ M.T), as matrix products, and the
+        # layer form's voxel ↔ slot moves as gathers with fixed indices: no scatter, so the same ops run
+        # under vmap, in ONNX and on any device
         self.register_buffer("layer_matrix", torch.from_numpy(onehot))
         self.n_energy = self.n_layers + 1  # the response, then the layers' shares of E_tot
-        self.register_buffer("energy_mean", torch.zeros(self.n_energy))
-        self.register_buffer("energy_std", torch.ones(self.n_energy))
-        self.register_buffer("shape_mean", torch.zeros(self.n_voxels))
-        self.register_buffer("shape_std", torch.ones(self.n_voxels))
+        k = config.energy_knots  # the standardisation's tables: one row per knot in log(E_inc / GeV)
+        self.register_buffer("knots", torch.arange(k, dtype=torch.float32))
+        self.register_buffer("energy_mean", torch.zeros(k, self.n_energy))
+        self.register_buffer("energy_std", torch.ones(k, self.n_energy))
+        self.register_buffer("shape_mean", torch.zeros(k, self.n_voxels))
+        self.register_buffer("shape_std", torch.ones(k, self.n_voxels))
+        self.register_buffer("shape_max", torch.zeros(k, self.n_voxels))  # log(share + floor) <= log(1 + floor)
+        self.register_buffer("hit_threshold", torch.zeros(()))  # MeV
         self.energy_net = _Velocity(self.n_energy, self.n_cond, config.energy_widths, config.time_features)
-        self.shape_net = _Velocity(self.n_voxels, self.n_energy + self.n_cond, config.shape_widths,
-                                   config.time_features)
+        if config.symmetric_alpha:  # the voxel index and the layer's alpha-bin count of each voxel
+            n_alpha = np.array([self.readout.layers[int(l)].n_alpha for l in layer_of])
+            start = np.concatenate([[0], np.cumsum([layer.n_voxels for layer in self.readout.layers])])[layer_of]
+            n_r = np.array([self.readout.layers[int(l)].n_r for l in layer_of])
+            for name, values in (("voxel_alpha", self.readout.voxel_alpha), ("voxel_n_alpha", n_alpha),
+                                 ("voxel_start", start), ("voxel_n_r", n_r), ("voxel_r", self.readout.voxel_r)):
+                self.register_buffer(name, torch.as_tensor(np.asarray(values), dtype=torch.int64), persistent=False)
+        if config.shape_model == "voxels":
+            self.shape_net = _Velocity(self.n_voxels, self.n_energy + self.n_cond, config.shape_widths,
+                                       config.time_features)
+            return
+        # "layers": one velocity field for every layer's voxels (padded to the widest layer), told which
+        # layer it is (one-hot) and that layer's energy and its neighbours'. Voxels ↔ slots (layer, j) by
+        # index_select with fixed indices (a Gather in ONNX); padded slots read an appended zero column.
+        layer_index = np.array([active.index(int(l)) for l in layer_of])
+        counts = np.bincount(layer_index, minlength=self.n_layers)
+        self.n_slots = int(counts.max())
+        slot = np.zeros(self.n_voxels, dtype=np.int64)
+        for l in range(self.n_layers):
+            members = np.flatnonzero(layer_index == l)
+            slot[members] = l * self.n_slots + np.arange(len(members))
+        slot_index = np.full(self.n_layers * self.n_slots, self.n_voxels, dtype=np.int64)
+        slot_index[slot] = np.arange(self.n_voxels)
+        self.register_buffer("voxel_slot", torch.from_numpy(slot), persistent=False)
+        self.register_buffer("slot_index", torch.from_numpy(slot_index), persistent=False)
+        self.register_buffer("layer_onehot", torch.eye(self.n_layers), persistent=False)
+        n_context = self.n_energy + self.n_cond + self.n_layers + 4  # y, conditions, layer, its and neighbours' y, log E
+        self.shape_net = _Velocity(self.n_slots, n_context, config.shape_widths, config.time_features)
 
     @property
     def noise_dim(self) -> int:
@@ -153,51 +225,184 @@ class FlowMatching(ShowerModel):
         return self.n_energy + self.n_voxels
 
     # -- the representation ------------------------------------------------------------------------
-    def _log_parts(self, showers: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log response and layer shares (B, 1 + n_layers), log voxel shares (B, n_voxels)), not standardised."""
+    def _log_parts(self, showers: torch.Tensor, energy: torch.Tensor,
+                   dequantise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log response and layer shares (B, 1 + n_layers), log voxel shares (B, n_voxels)), not standardised.
+
+        An empty voxel is log(voxel_floor) and a voxel with energy above it, so that generation reads
+        "empty" as "below log(voxel_floor)". With ``dequantise`` (uniforms (B, n_voxels)), empty voxels
+        spread over [log(voxel_floor) - 1, log(voxel_floor)] instead of sitting on one value, which a
+        velocity field cannot reproduce exactly (it would smear it to both sides: tiny spurious hits)."""
         cfg = self.config
         layers = (showers @ self.layer_matrix).clamp_min(0.0)  # (B, n_layers) MeV
         total = layers.sum(1, keepdim=True)
         response = total / energy.reshape(-1, 1)
         layer_share = layers / total.clamp_min(1e-12)
-        share = showers / (layers @ self.layer_matrix.T).clamp_min(1e-12)
+        share = (showers / (layers @ self.layer_matrix.T).clamp_min(1e-12)).clamp_min(0.0)
         y = torch.log(torch.cat([response, layer_share], dim=1) + cfg.layer_floor)
-        return y, torch.log(share.clamp_min(0.0) + cfg.voxel_floor)
+        if dequantise is None:
+            return y, torch.log(share + cfg.voxel_floor)
+        empty = cfg.voxel_floor * torch.exp(-dequantise)
+        return y, torch.log(torch.where(share > 0, share + cfg.voxel_floor, empty))
+
+    def _knot_weights(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, energy_knots): the weights of the tables' rows at each shower's energy (linear
+        interpolation in log E_inc between the knots, the end rows beyond them)."""
+        if self.config.energy_knots == 1:
+            return torch.ones_like(cond[:, :1])
+        spacing = self.knots[1] - self.knots[0]
+        log_e = torch.minimum(torch.maximum(self._log_energy_gev(cond), self.knots[:1]), self.knots[-1:])
+        return torch.relu(1.0 - torch.abs(log_e - self.knots) / spacing)
 
     def fit_data(self, energy_mev: np.ndarray, showers_mev: np.ndarray) -> None:
-        """The per-layer and per-voxel mean and spread of the two log transforms (in buffers)."""
+        """The mean and spread of the two log transforms per dimension as functions of log E_inc (in
+        buffers): piecewise linear between ``energy_knots`` knots spread evenly over the data's range,
+        fitted by least squares with a small penalty on the differences between neighbouring knots (so a
+        knot without data, such as a left-out energy, takes the mean of its neighbours: never zero, never
+        outside their range)."""
+        k = self.config.energy_knots
         with torch.no_grad():
-            x = torch.as_tensor(np.asarray(showers_mev), dtype=torch.float32, device=self.layer_matrix.device)
-            e = torch.as_tensor(np.asarray(energy_mev, dtype=np.float64), dtype=torch.float32, device=x.device)
-            y, z = self._log_parts(x, e)
-            for buf, values in ((self.energy_mean, y.mean(0)), (self.energy_std, y.std(0).clamp_min(1e-3)),
-                                (self.shape_mean, z.mean(0)), (self.shape_std, z.std(0).clamp_min(1e-3))):
-                buf.copy_(values)
+            dev = self.layer_matrix.device
+            x = torch.as_tensor(np.asarray(showers_mev), dtype=torch.float32, device=dev)
+            energy = np.asarray(energy_mev, dtype=np.float64).ravel()
+            e = torch.as_tensor(energy, dtype=torch.float32, device=dev)
+            u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(dev)
+            y, z = self._log_parts(x, e, u)
+            log_e = np.log(energy / 1000.0)
+            lo, hi = float(log_e.min()), float(log_e.max())
+            if k > 1 and hi - lo < 1e-6:
+                hi = lo + 1.0  # one energy: every knot gets the same rows
+            self.knots.copy_(torch.linspace(lo, hi, k) if k > 1 else torch.tensor([lo]))
+            w = self._knot_weights(self.encode_conditions(energy)).double()  # (N, K)
+            d = torch.diff(torch.eye(k, dtype=torch.float64, device=dev), dim=0)  # first differences (k-1, k)
+            penalty = 1e-3 * len(energy) / k * (d.T @ d)
+            gram = w.T @ w + penalty + 1e-9 * torch.eye(k, dtype=torch.float64, device=dev)
 
-    def _standardised(self, showers: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, z = self._log_parts(showers, energy)
-        return (y - self.energy_mean) / self.energy_std, (z - self.shape_mean) / self.shape_std
+            def fit(values):
+                return torch.linalg.solve(gram, w.T @ values.double())
+
+            for mean_buf, std_buf, values in ((self.energy_mean, self.energy_std, y), (self.shape_mean, self.shape_std, z)):
+                mean = fit(values)
+                var = fit((values.double() - w @ mean).square())
+                mean_buf.copy_(mean.float())
+                std_buf.copy_(var.clamp_min(1e-6).sqrt().clamp_min(1e-2).float())
+            # the largest log share of each voxel among the showers nearest each knot (a knot without
+            # showers: the larger of its nearest neighbours'), plus a margin: generation never goes above
+            nearest = w.argmax(1)
+            rows = [z[nearest == j].max(0).values if bool((nearest == j).any()) else None for j in range(k)]
+            filled = [j for j in range(k) if rows[j] is not None]
+            for j in range(k):
+                if rows[j] is None:
+                    below, above = [i for i in filled if i < j], [i for i in filled if i > j]
+                    near = ([below[-1]] if below else []) + ([above[0]] if above else [])
+                    rows[j] = torch.stack([rows[i] for i in near]).max(0).values
+            hits = x[x > 0].cpu().numpy()
+            if self.config.hit_quantile > 0 and len(hits):
+                self.hit_threshold.fill_(float(np.quantile(hits, self.config.hit_quantile)))
+            self.shape_max.copy_((torch.stack(rows) + SHAPE_MAX_MARGIN).clamp_max(math.log(1.0 + self.config.voxel_floor)))
+
+    def _tables(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(mean, spread) of y and of z at each shower's energy: four (B, dim) tensors."""
+        w = self._knot_weights(cond)
+        return w @ self.energy_mean, w @ self.energy_std, w @ self.shape_mean, w @ self.shape_std
+
+    def _shape_bound(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, n_voxels): the largest log(share + floor) generation may give each voxel (``fit_data``)."""
+        return self._knot_weights(cond) @ self.shape_max
+
+    def _standardised(self, showers: torch.Tensor, energy: torch.Tensor, cond: torch.Tensor,
+                      dequantise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        y, z = self._log_parts(showers, energy, dequantise)
+        y_mean, y_std, z_mean, z_std = self._tables(cond)
+        return (y - y_mean) / y_std, (z - z_mean) / z_std
+
+    def _rotated(self, showers: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Each shower turned by a whole number of alpha bins and, for half of them, mirrored (u (B, 2)
+        uniforms): the same shower for a detector symmetric about its axis, so the shape model learns from
+        2 × n_alpha copies of each (``symmetric_alpha``)."""
+        n_alpha = self.voxel_n_alpha.unsqueeze(0)
+        turn = torch.floor(u[:, :1] * n_alpha).long()
+        alpha = torch.where(u[:, 1:] < 0.5, n_alpha - 1 - self.voxel_alpha, self.voxel_alpha.unsqueeze(0).expand_as(turn))
+        source = self.voxel_start + ((alpha + turn) % n_alpha) * self.voxel_n_r + self.voxel_r
+        return showers.gather(1, source)
+
+    # -- the shape model's two forms -----------------------------------------------------------------
+    def _to_slots(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, n_voxels) → (B·n_layers, n_slots), padded slots 0."""
+        padded = torch.cat([z, torch.zeros_like(z[:, :1])], dim=1).index_select(1, self.slot_index)
+        return padded.reshape(-1, self.n_slots)
+
+    def _from_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """(B·n_layers, n_slots) → (B, n_voxels)."""
+        return x.reshape(-1, self.n_layers * self.n_slots).index_select(1, self.voxel_slot)
+
+    def _shape_context(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per layer row (B·n_layers, ...): y and the conditions, the layer (one-hot), its standardised
+        share of E_tot and its neighbours' (0 past the ends), and its log energy in GeV / 10."""
+        b, n = y.shape[0], self.n_layers
+        own = y[:, 1:]
+        zero = torch.zeros_like(own[:, :1])
+        before, after = torch.cat([zero, own[:, :-1]], dim=1), torch.cat([own[:, 1:], zero], dim=1)
+        y_mean, y_std, _, _ = self._tables(cond)
+        log_e = y * y_std + y_mean  # log(response + floor), log(share + floor)
+        log_layer = (log_e[:, 1:] + log_e[:, :1] + self._log_energy_gev(cond)) / 10.0
+        per_layer = torch.stack([own, before, after, log_layer], dim=2)  # (B, n_layers, 4)
+        shared = torch.cat([y, cond], dim=1).unsqueeze(1).expand(b, n, y.shape[1] + cond.shape[1])
+        onehot = self.layer_onehot.unsqueeze(0).expand(b, n, n)
+        return torch.cat([shared, onehot, per_layer], dim=2).reshape(b * n, -1)
+
+    def _log_energy_gev(self, cond: torch.Tensor) -> torch.Tensor:
+        """log(E_inc / GeV) (B, 1) from the encoded conditions."""
+        return torch.log(self.energy_from_conditions(cond).reshape(-1, 1) / 1000.0)
+
+    def _shape_velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """v of the shape model on (B, n_voxels) standardised log shares (context from _shape_inputs)."""
+        if self.config.shape_model == "voxels":
+            return self.shape_net(x, t, context)
+        rows = self._to_slots(x)
+        t_rows = t.repeat_interleave(self.n_layers, dim=0)
+        return self._from_slots(self.shape_net(rows, t_rows, context))
+
+    def _shape_inputs(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The shape model's context: (B, ...) for "voxels", (B·n_layers, ...) for "layers"."""
+        if self.config.shape_model == "voxels":
+            return torch.cat([y, cond], dim=1)
+        return self._shape_context(y, cond)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints from before ``energy_knots`` hold one mean and spread per dimension: one knot; from
+        before ``shape_max`` and ``hit_threshold``, no bound on the voxels but share <= 1 and no threshold."""
+        for name in ("energy_mean", "energy_std", "shape_mean", "shape_std"):
+            if state_dict.get(prefix + name) is not None and state_dict[prefix + name].dim() == 1:
+                state_dict[prefix + name] = state_dict[prefix + name].unsqueeze(0)
+        state_dict.setdefault(prefix + "knots", torch.zeros(1))
+        state_dict.setdefault(prefix + "hit_threshold", torch.zeros(()))  # and no threshold
+        if prefix + "shape_max" not in state_dict:  # and no bound on the voxels (only share <= 1)
+            state_dict[prefix + "shape_max"] = torch.zeros_like(state_dict[prefix + "shape_mean"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- the interface ---------------------------------------------------------------------------
     def training_noise(self, step: str, batch_size: int) -> dict:
         """x_0 and t of each model's flow-matching path."""
         return {"x0_energy": ((batch_size, self.n_energy), "normal"), "t_energy": ((batch_size, 1), "uniform"),
-                "x0_shape": ((batch_size, self.n_voxels), "normal"), "t_shape": ((batch_size, 1), "uniform")}
+                "x0_shape": ((batch_size, self.n_voxels), "normal"), "t_shape": ((batch_size, 1), "uniform"),
+                "dequantise": ((batch_size, self.n_voxels), "uniform"), "symmetry": ((batch_size, 2), "uniform")}
 
     def losses(self, batch: dict) -> dict:
         """{"loss", "energy", "shape"}: the two flow-matching losses (mean squared velocity error per
         dimension, batch means) and their sum."""
         cond = batch["conditions"]
-        y1, z1 = self._standardised(batch["showers"], batch["energy"])
+        showers = self._rotated(batch["showers"], batch["symmetry"]) if self.config.symmetric_alpha else batch["showers"]
+        y1, z1 = self._standardised(showers, batch["energy"], cond, batch["dequantise"])
         losses = {}
-        for name, net, x1, context in (("energy", self.energy_net, y1, cond),
-                                       ("shape", self.shape_net, z1, torch.cat([y1, cond], dim=1))):
+        for name, velocity, x1, context in (("energy", self.energy_net, y1, cond),
+                                            ("shape", self._shape_velocity, z1, self._shape_inputs(y1, cond))):
             x0, t = batch[f"x0_{name}"], batch[f"t_{name}"]
             xt = (1.0 - t) * x0 + t * x1
-            losses[name] = (net(xt, t, context) - (x1 - x0)).square().mean()
+            losses[name] = (velocity(xt, t, context) - (x1 - x0)).square().mean()
         return {"loss": losses["energy"] + losses["shape"], **losses}
 
-    def _integrate(self, net: _Velocity, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _integrate(self, net, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x at t = 1 from x at t = 0 in ``n_steps`` fixed steps (unrolled: the exported graph holds them)."""
         n = self.config.n_steps
         h = 1.0 / n
@@ -212,16 +417,30 @@ class FlowMatching(ShowerModel):
 
     def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """noise (N, 1 + n_layers + n_voxels) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) MeV."""
+        y = self._integrate(self.energy_net, noise[:, :self.n_energy], conditions)
+        z = self._integrate(self._shape_velocity, noise[:, self.n_energy:], self._shape_inputs(y, conditions))
+        return self._to_voxels(y, z, conditions)
+
+    def _to_voxels(self, y: torch.Tensor, z: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """The inverse of the representation: standardised y (B, 1 + n_layers) and z (B, n_voxels) → MeV."""
         cfg = self.config
         energy = self.energy_from_conditions(conditions).reshape(-1, 1)
-        y = self._integrate(self.energy_net, noise[:, :self.n_energy], conditions)
-        z = self._integrate(self.shape_net, noise[:, self.n_energy:], torch.cat([y, conditions], dim=1))
-        e = (torch.exp(y * self.energy_std + self.energy_mean) - cfg.layer_floor).clamp_min(0.0)
+        y_mean, y_std, z_mean, z_std = self._tables(conditions)
+        e = (torch.exp(y * y_std + y_mean) - cfg.layer_floor).clamp_min(0.0)
         layer_share = e[:, 1:] / e[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
         layers = layer_share * (e[:, :1] * energy)  # MeV per layer: their sum is the drawn response × E_inc
-        share = (torch.exp(z * self.shape_std + self.shape_mean) - cfg.voxel_floor).clamp_min(0.0)
+        # a velocity field's rare far outliers, exponentiated, would put a layer's energy in one voxel
+        log_share = torch.minimum(z * z_std + z_mean, self._shape_bound(conditions))
+        share = (torch.exp(log_share) - cfg.voxel_floor).clamp_min(0.0)
         share = share / (share @ self.layer_matrix @ self.layer_matrix.T).clamp_min(1e-12)
-        return share * (layers @ self.layer_matrix.T)
+        voxels = share * (layers @ self.layer_matrix.T)
+        # hits below the smallest the training data has (``hit_quantile``) are what the smeared floor
+        # leaves: empty; the layer's other voxels take their energy, so the layer energies stay as drawn
+        # (a layer with no voxel above the threshold keeps its voxels)
+        kept = (voxels > self.hit_threshold).to(voxels.dtype)
+        kept = torch.maximum(kept, ((kept @ self.layer_matrix) == 0).to(voxels.dtype) @ self.layer_matrix.T)  # not a whole layer
+        voxels = voxels * kept
+        return voxels * ((layers / (voxels @ self.layer_matrix).clamp_min(1e-12)) @ self.layer_matrix.T)
 
 
 # -- variants -------------------------------------------------------------------------------------
@@ -240,4 +459,4 @@ def flow_matching(**overrides) -> FlowMatching:
 @register_model
 def flow_matching_pbwo4(**overrides) -> FlowMatching:
     """Flow matching on the Geant4 PbWO4 reference readout 'g4-pbwo4' (45 × 16 × 9), energy only, log-encoded."""
-    return _create("flow_matching_pbwo4", {"readout": "g4-pbwo4"}, overrides)
+    return _create("flow_matching_pbwo4", {"readout": "g4-pbwo4", "symmetric_alpha": True}, overrides)

@@ -1,0 +1,153 @@
+"""The flow-matching family's representation (zoo.flow_matching): the alpha symmetry it trains on, the
+energy-dependent standardisation and its interpolation over a missing energy, empty voxels, the layer
+form of the shape model against the all-voxel one, and checkpoints written before these existed.
+Training, banks, export and the ONNX gate: the shared tests over every variant (test_zoo, test_bank,
+test_onnx_gate)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.data import load_showers
+from zoo import create_model, model_from_checkpoint
+
+G4 = Path(__file__).parent / "fixtures" / "g4_pbwo4_electrons_reduced.h5"
+
+
+@pytest.fixture(scope="module")
+def g4():
+    return load_showers(G4, readout="g4-pbwo4")
+
+
+def test_turned_and_mirrored_showers_are_the_same_showers(g4):
+    model = create_model("flow_matching_pbwo4")
+    assert model.config.symmetric_alpha
+    x = torch.as_tensor(g4.showers[:40])
+    u = torch.rand(40, 2, generator=torch.Generator().manual_seed(0))
+    turned = model._rotated(x, u).numpy().reshape(40, 45, 16, 9)
+    grid = x.numpy().reshape(40, 45, 16, 9)
+    for i in range(40):
+        k, mirrored = int(u[i, 0] * 16), bool(u[i, 1] < 0.5)
+        # alpha bin a takes bin (a + k) mod 16 of the shower, or of its mirror image (bin 15 - a)
+        expected = np.roll(grid[i][:, ::-1], k, axis=1) if mirrored else np.roll(grid[i], -k, axis=1)
+        np.testing.assert_array_equal(turned[i], expected)
+    assert len({int(u[i, 0] * 16) for i in range(40)}) > 5 and 0 < int((u[:, 1] < 0.5).sum()) < 40
+
+
+def test_standardisation_follows_the_energy_and_fills_a_missing_one(g4):
+    energies = np.unique(g4.energy)
+    assert len(energies) == 9
+    model = create_model("flow_matching_pbwo4")
+    model.fit_data(g4.energy, g4.showers)
+    x, e = torch.as_tensor(g4.showers), torch.as_tensor(g4.energy, dtype=torch.float32)
+    cond = model.encode_conditions(g4.energy)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    y, z = model._standardised(x, e, cond, u)
+    for energy in energies:  # at every energy, not only over all of them
+        k = g4.energy == energy
+        assert abs(float(z[k].mean())) < 0.05 and abs(float(z[k].std(0).mean()) - 1.0) < 0.05, energy
+        assert abs(float(y[k].mean())) < 0.05, energy
+    # the same with one standardisation for all energies is far off at the ends
+    flat = create_model("flow_matching_pbwo4", energy_knots=1)
+    flat.fit_data(g4.energy, g4.showers)
+    _, z_flat = flat._standardised(x, e, cond, u)
+    assert float(z_flat[g4.energy == energies[-1]].std(0).mean()) < 0.5
+
+    # 32 GeV left out: its knot lies between its neighbours' (never zero), its showers come out near N(0, 1)
+    keep = g4.energy != 32000.0
+    gap = create_model("flow_matching_pbwo4")
+    gap.fit_data(g4.energy[keep], g4.showers[keep])
+    j = int(np.argmin(np.abs(gap.knots.numpy() - np.log(32.0))))
+    for table in (gap.shape_mean, gap.shape_std, gap.energy_mean):
+        lo, hi = torch.minimum(table[j - 1], table[j + 1]), torch.maximum(table[j - 1], table[j + 1])
+        assert bool(((table[j] >= lo - 1e-4) & (table[j] <= hi + 1e-4)).all())
+    _, z_gap = gap._standardised(x, e, cond, u)
+    held = ~keep
+    assert abs(float(z_gap[held].mean())) < 0.2 and 0.8 < float(z_gap[held].std(0).mean()) < 1.2
+
+
+def test_empty_voxels_lie_below_the_floor_and_generate_as_zero_and_hits_stay_in_range(g4):
+    model = create_model("flow_matching_pbwo4")
+    x, e = torch.as_tensor(g4.showers[:20]), torch.as_tensor(g4.energy[:20], dtype=torch.float32)
+    _, z = model._log_parts(x, e, torch.rand(x.shape, generator=torch.Generator().manual_seed(2)))
+    floor = np.log(model.config.voxel_floor)
+    empty = x == 0
+    assert bool((z[empty] <= floor).all()) and bool((z[~empty] > floor).all())
+    assert float(z[empty].min()) >= floor - 1.0 - 1e-5 and float(z[empty].std()) > 0.2  # spread, not one value
+    # generation maps below-floor values to exactly zero: the trained model's empty voxels are empty
+    model.fit_data(g4.energy, g4.showers)
+    noise = model.draw_noise(20, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model.generate(noise, model.encode_conditions(g4.energy[:20]))
+    assert bool((out >= 0).all()) and float((out == 0).float().mean()) > 0.05
+    # no hit below the training data's 0.5 % quantile (but in a layer with none above it), and no voxel's log
+    # share above the largest seen in training near its energy plus the margin
+    threshold = float(model.hit_threshold)
+    assert threshold == pytest.approx(np.quantile(g4.showers[g4.showers > 0], 0.005), rel=1e-5) and threshold > 0
+    small = (out > 0) & (out <= threshold)
+    whole = (((out > threshold).float() @ model.layer_matrix) == 0).float() @ model.layer_matrix.T
+    assert bool((whole[small] == 1).all())
+    # a far outlier of the shape model is cut at the bound: the same showers as with the bound's own value
+    cond = model.encode_conditions(np.full(3, 16000.0))
+    y, z = torch.zeros(3, model.n_energy), torch.zeros(3, model.n_voxels)
+    _, _, z_mean, z_std = model._tables(cond)
+    at_bound = z.clone()
+    z[:, 1000], at_bound[:, 1000] = 50.0, ((model._shape_bound(cond) - z_mean) / z_std)[:, 1000]
+    assert float(at_bound[0, 1000]) < 10.0
+    torch.testing.assert_close(model._to_voxels(y, z, cond), model._to_voxels(y, at_bound, cond))
+    assert -3.0 < float(model.shape_max.max()) <= np.log(1 + model.config.voxel_floor) + 1e-6
+
+
+@pytest.mark.parametrize("shape_model", ["layers", "voxels"])
+def test_both_shape_models_train_and_keep_the_layer_energies(g4, shape_model):
+    torch.manual_seed(0)
+    model = create_model("flow_matching_pbwo4", shape_model=shape_model, shape_widths=(64, 64), energy_widths=(32,))
+    model.fit_data(g4.energy, g4.showers)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    idx = np.arange(64)
+    batch = {"showers": torch.as_tensor(g4.showers[idx]), "energy": torch.as_tensor(g4.energy[idx], dtype=torch.float32),
+             "conditions": model.encode_conditions(g4.energy[idx])}
+    batch.update(model.draw_training_noise("loss", 64, torch.Generator().manual_seed(0)))  # one fixed objective
+    history = []
+    for step in range(40):
+        out = model.losses(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        history.append(float(out["shape"].detach()))
+    assert np.mean(history[-5:]) < 0.95 * np.mean(history[:3]), history
+    # the shape model moves voxel energies within a layer only: the layer energies are the energy model's
+    model.eval()
+    noise = model.draw_noise(8, torch.Generator().manual_seed(4))
+    cond = model.encode_conditions(np.full(8, 16000.0))
+    with torch.no_grad():
+        showers = model.generate(noise, cond)
+        y = model._integrate(model.energy_net, noise[:, :model.n_energy], cond)
+        y_mean, y_std, _, _ = model._tables(cond)
+        e = (torch.exp(y * y_std + y_mean) - model.config.layer_floor).clamp_min(0.0)
+    layers = e[:, 1:] / e[:, 1:].sum(1, keepdim=True) * e[:, :1] * 16000.0
+    torch.testing.assert_close(showers @ model.layer_matrix, layers, rtol=1e-4, atol=1e-3)
+
+
+def test_checkpoints_from_before_the_layer_model_still_load(g4):
+    """A checkpoint of the first version: no shape_model, lr_schedule or energy_knots in its config, one
+    mean and spread per dimension (1-d buffers), no knots."""
+    torch.manual_seed(0)
+    old = create_model("flow_matching_pbwo4", shape_model="voxels", energy_knots=1, lr_schedule="constant",
+                       hit_quantile=0.0, shape_widths=(32,), energy_widths=(16,))
+    old.fit_data(g4.energy, g4.showers)
+    old.shape_max.zero_()  # the first version had no bound but share <= 1
+    state = {"family": old.family, "variant": old.variant, "config": old.config.to_dict(), "model": old.state_dict()}
+    for key in ("shape_model", "energy_knots", "lr_schedule", "symmetric_alpha", "hit_quantile"):
+        state["config"].pop(key)
+    state["model"] = {k: (v[0] if k.endswith(("_mean", "_std")) else v) for k, v in state["model"].items()
+                      if k not in ("knots", "shape_max", "hit_threshold")}
+    assert state["model"]["shape_mean"].dim() == 1
+    loaded = model_from_checkpoint(state)
+    assert loaded.config.shape_model == "voxels" and loaded.config.energy_knots == 1
+    noise = old.draw_noise(4, torch.Generator().manual_seed(5))
+    cond = old.encode_conditions(np.full(4, 8000.0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.generate(noise, cond), old.generate(noise, cond), rtol=0, atol=0)
