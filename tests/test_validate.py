@@ -89,6 +89,17 @@ def test_classifier_tells_shifted_distributions_and_jsd_grows_with_the_shift():
     assert large["jsd"] > small["jsd"] + 0.5
 
 
+def test_classifier_names_non_finite_rows_instead_of_training_on_them():
+    rng = np.random.default_rng(5)
+    gen, ref = rng.normal(size=(200, 5)), rng.normal(size=(200, 5))
+    gen[17, 2] = np.inf  # what exp() of an outlier gives
+    with pytest.raises(ValueError, match=r"1 of 200 generated rows hold NaN or inf .*row 17"):
+        classifier_auc(gen, ref, TINY)
+    ref[3, 0] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match="reference rows"):
+        classifier_auc(rng.normal(size=(200, 5)), ref, TINY)
+
+
 def test_jsd_of_perfect_and_useless_probabilities():
     y = np.array([0, 1] * 50)
     assert jsd_from_probabilities(y, y.astype(float)) == pytest.approx(1.0, abs=1e-4)

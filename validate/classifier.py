@@ -91,7 +91,14 @@ def classifier_auc(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig |
         a, b = int(cfg.split[0] * len(x)), int((cfg.split[0] + cfg.split[1]) * len(x))
         return x[idx[:a]], x[idx[a:b]], x[idx[b:]]
 
-    parts = [split(np.asarray(x_gen, np.float32)), split(np.asarray(x_ref, np.float32))]
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below by row
+        arrays = [np.asarray(x_gen, np.float32), np.asarray(x_ref, np.float32)]
+    for name, x in zip(("generated", "reference"), arrays):
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise ValueError(f"classifier input: {int(bad.sum())} of {len(x)} {name} rows hold NaN or inf "
+                             f"(or values beyond float32), e.g. row {int(np.flatnonzero(bad)[0])}")
+    parts = [split(x) for x in arrays]
 
     def join(i):
         x = np.concatenate([parts[0][i], parts[1][i]])
