@@ -44,6 +44,7 @@ def main() -> None:
 
     data = load_showers(args.data, readout=args.readout)
     rest, report = split_validation(data, fraction=0.0, min_per_energy=100, seed=1)  # as g4_quality.py
+    train_split, _ = split_validation(rest, fraction=0.0, min_per_energy=50, seed=2)
     x_report = low_level_features(report.showers, report.energy)
     ccfg = ClassifierConfig(epochs=args.classifier_epochs)
     state = load_checkpoint(args.checkpoint)
@@ -54,6 +55,7 @@ def main() -> None:
     for spec in args.steps.split(","):
         solver, n = spec.split(":")
         model = model_from_checkpoint(state)
+        model.fit_data(train_split.energy, train_split.showers)  # the same statistics, and any a newer version adds
         model.config.solver, model.config.n_steps = solver, int(n)
         model.eval()
         gen = model.sample(report.energy, generator=torch.Generator().manual_seed(7)).numpy()
