@@ -124,7 +124,8 @@ def test_both_shape_models_train_and_keep_the_layer_energies(g4, shape_model):
     cond = model.encode_conditions(np.full(8, 16000.0))
     with torch.no_grad():
         showers = model.generate(noise, cond)
-        y = model._integrate(model.energy_net, noise[:, :model.n_energy], cond)
+        y = model._integrate(model.energy_net, noise[:, :model.n_energy], cond, model.config.energy_n_steps
+                             or model.config.n_steps, model.config.energy_solver or model.config.solver)
         y_mean, y_std, _, _ = model._tables(cond)
         e = (torch.exp(y * y_std + y_mean) - model.config.layer_floor).clamp_min(0.0)
     layers = e[:, 1:] / e[:, 1:].sum(1, keepdim=True) * e[:, :1] * 16000.0
@@ -136,11 +137,13 @@ def test_checkpoints_from_before_the_layer_model_still_load(g4):
     mean and spread per dimension (1-d buffers), no knots."""
     torch.manual_seed(0)
     old = create_model("flow_matching_pbwo4", shape_model="voxels", energy_knots=1, lr_schedule="constant",
-                       hit_quantile=0.0, shape_widths=(32,), energy_widths=(16,))
+                       hit_quantile=0.0, solver="midpoint", energy_n_steps=0, energy_solver="",
+                       shape_widths=(32,), energy_widths=(16,))
     old.fit_data(g4.energy, g4.showers)
     old.shape_max.zero_()  # the first version had no bound but share <= 1
     state = {"family": old.family, "variant": old.variant, "config": old.config.to_dict(), "model": old.state_dict()}
-    for key in ("shape_model", "energy_knots", "lr_schedule", "symmetric_alpha", "hit_quantile"):
+    for key in ("shape_model", "energy_knots", "lr_schedule", "symmetric_alpha", "hit_quantile", "energy_n_steps",
+                "energy_solver"):
         state["config"].pop(key)
     state["model"] = {k: (v[0] if k.endswith(("_mean", "_std")) else v) for k, v in state["model"].items()
                       if k not in ("knots", "shape_max", "hit_threshold")}
