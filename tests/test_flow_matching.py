@@ -124,8 +124,7 @@ def test_both_shape_models_train_and_keep_the_layer_energies(g4, shape_model):
     cond = model.encode_conditions(np.full(8, 16000.0))
     with torch.no_grad():
         showers = model.generate(noise, cond)
-        y = model._integrate(model.energy_net, noise[:, :model.n_energy], cond, model.config.energy_n_steps
-                             or model.config.n_steps, model.config.energy_solver or model.config.solver)
+        y = model._layer_energies(noise, cond)
         y_mean, y_std, _, _ = model._tables(cond)
         e = (torch.exp(y * y_std + y_mean) - model.config.layer_floor).clamp_min(0.0)
     layers = e[:, 1:] / e[:, 1:].sum(1, keepdim=True) * e[:, :1] * 16000.0

@@ -123,6 +123,9 @@ class FlowMatchingConfig(ModelConfig):
             raise ValueError(f"shape_model must be one of {SHAPE_MODELS}, got {self.shape_model!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.energy_n_steps < 0 or self.energy_solver not in ("", *SOLVERS):
+            raise ValueError(f"energy_n_steps must be >= 0 and energy_solver one of {SOLVERS} (0 and '': the "
+                             f"shape model's), got {self.energy_n_steps}, {self.energy_solver!r}")
         if not 0.0 <= self.hit_quantile < 1.0:
             raise ValueError(f"hit_quantile must be in [0, 1), got {self.hit_quantile}")
         if self.energy_knots < 1:
@@ -290,6 +293,9 @@ class FlowMatching(ShowerModel):
                 var = fit((values.double() - w @ mean).square())
                 mean_buf.copy_(mean.float())
                 std_buf.copy_(var.clamp_min(1e-6).sqrt().clamp_min(1e-2).float())
+            hits = x[x > 0].cpu().numpy()
+            if self.config.hit_quantile > 0 and len(hits):
+                self.hit_threshold.fill_(float(np.quantile(hits, self.config.hit_quantile)))
             # the largest log share of each voxel among the showers nearest each knot (a knot without
             # showers: the larger of its nearest neighbours'), plus a margin: generation never goes above
             nearest = w.argmax(1)
@@ -300,9 +306,6 @@ class FlowMatching(ShowerModel):
                     below, above = [i for i in filled if i < j], [i for i in filled if i > j]
                     near = ([below[-1]] if below else []) + ([above[0]] if above else [])
                     rows[j] = torch.stack([rows[i] for i in near]).max(0).values
-            hits = x[x > 0].cpu().numpy()
-            if self.config.hit_quantile > 0 and len(hits):
-                self.hit_threshold.fill_(float(np.quantile(hits, self.config.hit_quantile)))
             self.shape_max.copy_((torch.stack(rows) + SHAPE_MAX_MARGIN).clamp_max(math.log(1.0 + self.config.voxel_floor)))
 
     def _tables(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -420,12 +423,16 @@ class FlowMatching(ShowerModel):
 
     def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """noise (N, 1 + n_layers + n_voxels) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) MeV."""
-        cfg = self.config
-        y = self._integrate(self.energy_net, noise[:, :self.n_energy], conditions,
-                            cfg.energy_n_steps or cfg.n_steps, cfg.energy_solver or cfg.solver)
+        y = self._layer_energies(noise, conditions)
         z = self._integrate(self._shape_velocity, noise[:, self.n_energy:], self._shape_inputs(y, conditions),
-                            cfg.n_steps, cfg.solver)
+                            self.config.n_steps, self.config.solver)
         return self._to_voxels(y, z, conditions)
+
+    def _layer_energies(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """The energy model's standardised y (B, 1 + n_layers) from its part of the noise."""
+        cfg = self.config
+        return self._integrate(self.energy_net, noise[:, :self.n_energy], conditions,
+                               cfg.energy_n_steps or cfg.n_steps, cfg.energy_solver or cfg.solver)
 
     def _to_voxels(self, y: torch.Tensor, z: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """The inverse of the representation: standardised y (B, 1 + n_layers) and z (B, n_voxels) → MeV."""
