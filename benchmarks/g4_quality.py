@@ -15,7 +15,8 @@ Each model (and the floor) also gets the full validation report (``validate.repo
 features, classifier AUC/JSD on low- and high-level input, FPD/KPD, profile plots) in
 ``OUT/NAME/validation/``, and the summary table of all of them is printed at the end. ``--reuse``
 takes the best checkpoint already in ``OUT/NAME`` instead of training again; ``--set KEY=VALUE``
-overrides the config of every model trained in the run (e.g. ``--set kl_weight=0.01``).
+overrides the config of every model trained in the run (e.g. ``--set kl_weight=0.01``), and with
+``--reuse`` that of the loaded checkpoint: fields read at generation only (``--set n_steps=4``).
 """
 
 import argparse
@@ -98,6 +99,8 @@ def main():
         model = model_from_checkpoint(load_checkpoint(out / name / "checkpoints" / best["file"]))
         if reused:  # what the model keeps of its data, from the same split: the statistics a newer version adds
             model.fit_data(tr.energy, tr.showers)
+            for key, value in overrides.items():  # generation-side fields (n_steps, solver, recentre, ...)
+                setattr(model.config, key, value)
         model.to("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         gen = model.sample(report.energy, generator=torch.Generator(device=model.device).manual_seed(7)).cpu().numpy()
         rows = compare_per_energy(gen, report.energy, report.showers, report.energy, ro)
