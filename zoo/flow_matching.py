@@ -20,7 +20,7 @@ energy in each voxel:
   distribution), and generation moves and widens or narrows each layer of the shape model's shower
   to them (``recentre``, ``rewiden``). The shape model is not told them: it draws the voxels and their
   fluctuations, the energy model the shape's moments. On the held-out Geant4 split (README) this took
-  the high-level AUC from 0.88 to 0.54 and the low-level from 0.75 to 0.68;
+  the high-level AUC from 0.875 to 0.62 (low-level 0.746 to 0.740);
 - **shape model**: the voxel shares u_i = E_i / E_layer(i), through z_i = log(u_i + ``voxel_floor``)
   standardised per voxel, given the standardised layer energies and summaries y and the incident
   energy. An empty voxel is below log(``voxel_floor``) and a hit above it; in training empty voxels
@@ -28,7 +28,7 @@ energy in each voxel:
   smears a point mass to both sides, which would turn empty voxels into tiny hits.
 
 ``shape_model`` "layers" (default): one velocity field for the voxels of every layer, padded to the
-widest layer and told which layer it is (one-hot), that layer's energy and its neighbours' and all of y:
+widest layer and told which layer it is (one-hot), that layer's energy and its neighbours' and y (but the layers' moments):
 its weights see every layer of every shower (45 samples a shower in the PbWO4 readout), which a small
 training set needs. "voxels": one MLP over all voxels at once (the first version; measured against it
 in the README). With ``symmetric_alpha`` (the PbWO4 variant: a beam along the axis of a cylindrical
@@ -276,7 +276,7 @@ class FlowMatching(ShowerModel):
 
     @property
     def noise_dim(self) -> int:
-        """x_0 of the energy model (1 + n_layers), then of the shape model (n_voxels)."""
+        """x_0 of the energy model (n_energy), then of the shape model (n_voxels)."""
         return self.n_energy + self.n_voxels
 
     # -- the representation ------------------------------------------------------------------------
@@ -304,7 +304,8 @@ class FlowMatching(ShowerModel):
 
     def _summaries(self, showers: torch.Tensor) -> torch.Tensor:
         """(B, 3): the shower's energy-weighted centre x, y (mm) over the layers binned in alpha and
-        log(its width in mm + 1), the width being the energy-weighted rms distance from that centre.
+        log(its width in mm + 1), the width being the energy-weighted rms distance from that centre;
+        with ``layer_moments`` then each layer's centre x (n_layers), y (n_layers) and log(width + 1).
         In Geant4 the layers' centres and widths move together (a layer's centre correlates by about
         0.45 with the next one's; drawn independently, each layer's shape taken from another shower of
         the same energy and layer energy, Geant4's own showers are told from Geant4 with a high-level
@@ -496,7 +497,7 @@ class FlowMatching(ShowerModel):
         return x
 
     def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """noise (N, 1 + n_layers + n_voxels) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) MeV."""
+        """noise (N, n_energy + n_voxels) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) MeV."""
         y = self._layer_energies(noise, conditions)
         z = self._integrate(self._shape_velocity, noise[:, self.n_energy:], self._shape_inputs(y, conditions),
                             self.config.n_steps, self.config.solver)
@@ -547,7 +548,7 @@ class FlowMatching(ShowerModel):
         e = voxels * self.summary_coords[:, 0]
         shower = (e @ self.summary_coords[:, 1:3]) / e.sum(1, keepdim=True).clamp_min(1e-12)
         shift = target - shower
-        return self._shifted(voxels, shift[:, :1], shift[:, 1:])
+        return self._shifted(voxels, by=(shift[:, :1], shift[:, 1:]))
 
     def _matched(self, voxels: torch.Tensor, y: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """Voxels (B, n_voxels) MeV with each layer moved to the centre the energy model drew for it
@@ -560,24 +561,16 @@ class FlowMatching(ShowerModel):
         y_mean, y_std, _, _ = self._tables(conditions)
         drawn = (y * y_std + y_mean)[:, 4 + n:].reshape(-1, 3, n)  # (B, 3, n_layers): x, y (mm), log(width + 1)
         target = (torch.exp(drawn[:, 2]) - 1.0).clamp_min(0.0).square()  # <ρ²> mm²
-        one, vx, vy = self.summary_coords[:, 0], self.summary_coords[:, 1], self.summary_coords[:, 2]
-
-        def centres(voxels):
-            e = voxels * one
-            total = (e @ m).clamp_min(1e-12)
-            return e, total, (e * vx) @ m / total, (e * vy) @ m / total
+        vx, vy = self.summary_coords[:, 1], self.summary_coords[:, 2]
 
         def shift(voxels):
-            if not self.config.recentre:
-                return voxels
-            _, _, cx, cy = centres(voxels)
-            return self._shifted(voxels, drawn[:, 0] - cx, drawn[:, 1] - cy)
+            return self._shifted(voxels, to=(drawn[:, 0], drawn[:, 1])) if self.config.recentre else voxels
 
         if not self.config.rewiden:
             return shift(voxels)
         for _ in range(2):  # each step disturbs the other a little: twice, and the centres once more
             voxels = shift(voxels)
-            e, total, cx, cy = centres(voxels)
+            e, total, cx, cy = self._layer_centres(voxels)
             rho2 = (vx - cx @ m.T).square() + (vy - cy @ m.T).square()
             mean = (e * rho2) @ m / total
             var = (e * (rho2 - mean @ m.T).square()) @ m / total
@@ -587,17 +580,23 @@ class FlowMatching(ShowerModel):
             voxels = out * (((voxels @ m) / (out @ m).clamp_min(1e-12)) @ m.T)
         return shift(voxels)
 
-    def _shifted(self, voxels: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        """Voxels (B, n_voxels) MeV with each layer's centre moved by (dx, dy) mm ((B, n_layers), or
-        (B, 1) for all layers alike). Each layer's voxels are weighted by 1 + a (x - x_l) + b (y - y_l)
+    def _layer_centres(self, voxels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The voxels of the layers binned in alpha (B, n_voxels), each layer's energy (B, n_layers,
+        at least 1e-12) and its centre x, y in mm (B, n_layers each; 0 for an empty layer)."""
+        m, c = self.layer_matrix, self.summary_coords
+        e = voxels * c[:, 0]
+        total = (e @ m).clamp_min(1e-12)
+        return e, total, (e * c[:, 1]) @ m / total, (e * c[:, 2]) @ m / total
+
+    def _shifted(self, voxels: torch.Tensor, by: tuple | None = None, to: tuple | None = None) -> torch.Tensor:
+        """Voxels (B, n_voxels) MeV with each layer's centre moved ``by`` (dx, dy) mm ((B, n_layers), or
+        (B, 1) for all layers alike) or ``to`` (x, y) mm (B, n_layers) each. Each layer's voxels are weighted by 1 + a (x - x_l) + b (y - y_l)
         about its centre (x_l, y_l): its energy stays, its centre moves by its energy-weighted covariance
         times (a, b), which is solved for (dx, dy); weights are kept within [1/4, 4] (the layer then
         scaled back to its energy) and empty voxels stay empty."""
-        m = self.layer_matrix
-        one, vx, vy = self.summary_coords[:, 0], self.summary_coords[:, 1], self.summary_coords[:, 2]
-        e = voxels * one
-        total = (e @ m).clamp_min(1e-12)
-        cx, cy = (e * vx) @ m / total, (e * vy) @ m / total  # (B, n_layers) each layer's centre
+        m, vx, vy = self.layer_matrix, self.summary_coords[:, 1], self.summary_coords[:, 2]
+        e, total, cx, cy = self._layer_centres(voxels)
+        dx, dy = (to[0] - cx, to[1] - cy) if to is not None else by
         u, v = vx - cx @ m.T, vy - cy @ m.T  # (B, n_voxels) from the layer's centre: covariances in two
         sxx, sxy, syy = (e * u * u) @ m / total, (e * u * v) @ m / total, (e * v * v) @ m / total  # passes
         det = sxx * syy - sxy * sxy
