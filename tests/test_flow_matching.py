@@ -183,6 +183,17 @@ def test_recentring_moves_every_layer_to_the_drawn_shower_centre(g4):
     np.testing.assert_allclose((m1.y - m0.y)[high][:, layers], -0.2, atol=0.02)
 
 
+def _matched_to_other_showers(model, g4, x):
+    """Each shower's (mine) moments drawn from another shower of the same energy (other), and the
+    showers matched to them (moved)."""
+    rng = np.random.default_rng(0)
+    other = np.concatenate([rng.permutation(np.flatnonzero(g4.energy == e)) for e in np.unique(g4.energy)])
+    mine = np.concatenate([np.flatnonzero(g4.energy == e) for e in np.unique(g4.energy)])
+    cond = model.encode_conditions(g4.energy[mine])
+    y, _ = model._standardised(x[other], torch.as_tensor(g4.energy[mine]).float(), cond)
+    return mine, other, model._matched(x[mine], y, cond)
+
+
 def test_layer_moments_move_each_layer_to_its_drawn_centre_and_width(g4):
     model = create_model("flow_matching_pbwo4", layer_moments=True, layer_rings=False)
     n = model.n_layers
@@ -201,12 +212,7 @@ def test_layer_moments_move_each_layer_to_its_drawn_centre_and_width(g4):
     np.testing.assert_allclose(drawn, np.log(width + 1.0), atol=2e-2)
     np.testing.assert_allclose(drawn[width > 1], np.log(width[width > 1] + 1.0), atol=1e-3)
     # the moments of other showers of the same energy, drawn: each layer takes them, keeping its energy
-    rng = np.random.default_rng(0)
-    other = np.concatenate([rng.permutation(np.flatnonzero(g4.energy == e)) for e in np.unique(g4.energy)])
-    mine = np.concatenate([np.flatnonzero(g4.energy == e) for e in np.unique(g4.energy)])
-    cond = model.encode_conditions(g4.energy[mine])
-    y, _ = model._standardised(x[other], torch.as_tensor(g4.energy[mine]).float(), cond)
-    moved = model._matched(x[mine], y, cond)
+    mine, other, moved = _matched_to_other_showers(model, g4, x)
     want, before, after = (model._summaries(t)[:, 3:].numpy() for t in (x[other], x[mine], moved))
     torch.testing.assert_close(moved @ model.layer_matrix, x[mine] @ model.layer_matrix, rtol=1e-4, atol=1e-2)
     assert bool((moved >= 0).all()) and bool((moved[x[mine] == 0] == 0).all())
@@ -240,12 +246,7 @@ def test_layer_rings_take_each_ring_to_its_drawn_share(g4):
     np.testing.assert_allclose(rings.reshape(-1, 45, 9)[has], (grid / np.maximum(layer_e, 1e-30)[..., None])[has],
                                atol=1e-5)
     # other showers' rings (and centres) drawn: each ring takes its share, each layer keeps its energy
-    rng = np.random.default_rng(0)
-    other = np.concatenate([rng.permutation(np.flatnonzero(g4.energy == e)) for e in np.unique(g4.energy)])
-    mine = np.concatenate([np.flatnonzero(g4.energy == e) for e in np.unique(g4.energy)])
-    cond = model.encode_conditions(g4.energy[mine])
-    y, _ = model._standardised(x[other], torch.as_tensor(g4.energy[mine]).float(), cond)
-    moved = model._matched(x[mine], y, cond)
+    mine, other, moved = _matched_to_other_showers(model, g4, x)
     torch.testing.assert_close(moved @ model.layer_matrix, x[mine] @ model.layer_matrix, rtol=1e-4, atol=1e-2)
     assert bool((moved >= 0).all()) and bool((moved[x[mine] == 0] == 0).all())
     want, before, after = (model._summaries(t)[:, 3 + 3 * n:].exp().numpy().reshape(-1, 45, 9)

@@ -242,9 +242,10 @@ class FlowMatching(ShowerModel):
         # then every layer's centre x, y and width (layer_moments): n_layers each
         # with layer_rings then every (layer, radial bin) ring's share of its layer's energy (not told to the
         # shape model either)
-        ring_of = np.unique(np.stack([layer_of, self.readout.voxel_r], axis=1), axis=0, return_inverse=True)[1].ravel()
-        self.n_rings = int(ring_of.max()) + 1 if config.layer_rings else 0
+        self.n_rings = 0
         if config.layer_rings:
+            ring_of = np.unique(np.stack([layer_of, self.readout.voxel_r], axis=1), axis=0, return_inverse=True)[1].ravel()
+            self.n_rings = int(ring_of.max()) + 1
             rings = np.zeros((self.n_voxels, self.n_rings), dtype=np.float32)
             rings[np.arange(self.n_voxels), ring_of] = 1.0
             self.register_buffer("ring_matrix", torch.from_numpy(rings), persistent=False)
@@ -595,7 +596,8 @@ class FlowMatching(ShowerModel):
         (``_ringed``) in place of the widening."""
         n, m = self.n_layers, self.layer_matrix
         y_mean, y_std, _, _ = self._tables(conditions)
-        drawn = (y * y_std + y_mean)[:, 4 + n:4 + 4 * n].reshape(-1, 3, n)  # (B, 3, n_layers): x, y (mm), log(width + 1)
+        y = y * y_std + y_mean
+        drawn = y[:, 4 + n:4 + 4 * n].reshape(-1, 3, n)  # (B, 3, n_layers): x, y (mm), log(width + 1)
         target = (torch.exp(drawn[:, 2]) - 1.0).clamp_min(0.0).square()  # <ρ²> mm²
         vx, vy = self.summary_coords[:, 1], self.summary_coords[:, 2]
 
@@ -604,7 +606,7 @@ class FlowMatching(ShowerModel):
 
         if self.config.layer_rings:
             for _ in range(2):  # as below, the rings' shares in place of the widths
-                voxels = self._ringed(shift(voxels), (y * y_std + y_mean)[:, 4 + 4 * n:])
+                voxels = self._ringed(shift(voxels), y[:, 4 + 4 * n:])
             return shift(voxels)
         if not self.config.rewiden:
             return shift(voxels)
@@ -617,7 +619,7 @@ class FlowMatching(ShowerModel):
             good = (var > 1e-2 * mean.square()) & (mean > 1e-2)  # layers with a spread (not one hit)
             c = good.to(voxels.dtype) * (target - mean) / torch.where(good, var, torch.ones_like(var))
             out = voxels * (1.0 + (c @ m.T) * (rho2 - mean @ m.T)).clamp(0.25, 4.0)
-            voxels = out * (((voxels @ m) / (out @ m).clamp_min(1e-12)) @ m.T)
+            voxels = self._layers_kept(out, voxels)
         return shift(voxels)
 
     def _ringed(self, voxels: torch.Tensor, log_share: torch.Tensor) -> torch.Tensor:
@@ -636,6 +638,11 @@ class FlowMatching(ShowerModel):
         m = self.layer_matrix
         # a layer whose rings with energy were all drawn (nearly) empty stays as it was
         out = torch.where((out @ m @ m.T) > 1e-6 * (voxels @ m @ m.T), out, voxels)
+        return self._layers_kept(out, voxels)
+
+    def _layers_kept(self, out: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        """``out`` (B, n_voxels) with each layer scaled back to its energy in ``voxels``."""
+        m = self.layer_matrix
         return out * (((voxels @ m) / (out @ m).clamp_min(1e-12)) @ m.T)
 
     def _layer_centres(self, voxels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -675,7 +682,7 @@ class FlowMatching(ShowerModel):
         # differently relative to itself, nor a few voxels of an ill-conditioned layer (two hits) blown up;
         # where one is cut, the layer is put back to its energy and part of the shift is left undone
         out = voxels * weight.clamp(0.25, 4.0)
-        return out * (((voxels @ m) / (out @ m).clamp_min(1e-12)) @ m.T)
+        return self._layers_kept(out, voxels)
 
 
 # -- variants -------------------------------------------------------------------------------------
