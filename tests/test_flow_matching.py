@@ -133,7 +133,7 @@ def test_both_shape_models_train_and_keep_the_layer_energies(g4, shape_model):
 
 
 def test_shower_summaries_are_the_centre_and_width_over_all_layers_and_steer_the_shapes(g4):
-    model = create_model("flow_matching_pbwo4", layer_moments=False, layer_rings=False)
+    model = create_model("flow_matching_pbwo4", layer_moments=False)
     assert model.n_summaries == 3 and model.n_energy == 1 + 45 + 3
     x = g4.showers[:60]
     got = model._summaries(torch.as_tensor(x)).double().numpy()
@@ -159,7 +159,7 @@ def test_shower_summaries_are_the_centre_and_width_over_all_layers_and_steer_the
 
 
 def test_recentring_moves_every_layer_to_the_drawn_shower_centre(g4):
-    model = create_model("flow_matching_pbwo4", layer_moments=False, layer_rings=False)
+    model = create_model("flow_matching_pbwo4", layer_moments=False)
     model.fit_data(g4.energy, g4.showers)
     x = torch.as_tensor(g4.showers[:30])
     cond = model.encode_conditions(g4.energy[:30])
@@ -183,19 +183,8 @@ def test_recentring_moves_every_layer_to_the_drawn_shower_centre(g4):
     np.testing.assert_allclose((m1.y - m0.y)[high][:, layers], -0.2, atol=0.02)
 
 
-def _matched_to_other_showers(model, g4, x):
-    """Each shower's (mine) moments drawn from another shower of the same energy (other), and the
-    showers matched to them (moved)."""
-    rng = np.random.default_rng(0)
-    other = np.concatenate([rng.permutation(np.flatnonzero(g4.energy == e)) for e in np.unique(g4.energy)])
-    mine = np.concatenate([np.flatnonzero(g4.energy == e) for e in np.unique(g4.energy)])
-    cond = model.encode_conditions(g4.energy[mine])
-    y, _ = model._standardised(x[other], torch.as_tensor(g4.energy[mine]).float(), cond)
-    return mine, other, model._matched(x[mine], y, cond)
-
-
 def test_layer_moments_move_each_layer_to_its_drawn_centre_and_width(g4):
-    model = create_model("flow_matching_pbwo4", layer_moments=True, layer_rings=False)
+    model = create_model("flow_matching_pbwo4", layer_moments=True)
     n = model.n_layers
     assert model.n_energy == 1 + n + 3 + 3 * n
     model.fit_data(g4.energy, g4.showers)
@@ -212,7 +201,12 @@ def test_layer_moments_move_each_layer_to_its_drawn_centre_and_width(g4):
     np.testing.assert_allclose(drawn, np.log(width + 1.0), atol=2e-2)
     np.testing.assert_allclose(drawn[width > 1], np.log(width[width > 1] + 1.0), atol=1e-3)
     # the moments of other showers of the same energy, drawn: each layer takes them, keeping its energy
-    mine, other, moved = _matched_to_other_showers(model, g4, x)
+    rng = np.random.default_rng(0)
+    other = np.concatenate([rng.permutation(np.flatnonzero(g4.energy == e)) for e in np.unique(g4.energy)])
+    mine = np.concatenate([np.flatnonzero(g4.energy == e) for e in np.unique(g4.energy)])
+    cond = model.encode_conditions(g4.energy[mine])
+    y, _ = model._standardised(x[other], torch.as_tensor(g4.energy[mine]).float(), cond)
+    moved = model._matched(x[mine], y, cond)
     want, before, after = (model._summaries(t)[:, 3:].numpy() for t in (x[other], x[mine], moved))
     torch.testing.assert_close(moved @ model.layer_matrix, x[mine] @ model.layer_matrix, rtol=1e-4, atol=1e-2)
     assert bool((moved >= 0).all()) and bool((moved[x[mine] == 0] == 0).all())
@@ -232,50 +226,19 @@ def test_layer_moments_move_each_layer_to_its_drawn_centre_and_width(g4):
     assert float(grad[:, 1 + n:4 + n].abs().min()) > 0 and float(grad[:, 4 + n:].abs().max()) == 0
 
 
-def test_layer_rings_take_each_ring_to_its_drawn_share(g4):
-    model = create_model("flow_matching_pbwo4", layer_rings=True, energy_widths=(64,))
-    n = model.n_layers
-    assert model.n_rings == 45 * 9 and model.n_energy == 1 + n + 3 + 3 * n + model.n_rings
-    model.fit_data(g4.energy, g4.showers)
-    x = torch.as_tensor(g4.showers)
-    # each ring's share of its layer, as validate's radial profile of the layer has it
-    rings = model._summaries(x)[:, 3 + 3 * n:].double().exp().numpy() - model.config.layer_floor
-    layer_e = obs.energy_per_layer(g4.showers, g4.readout)
-    grid = g4.showers.reshape(-1, 45, 16, 9).sum(2)  # (N, layer, r)
-    has = layer_e > 0
-    np.testing.assert_allclose(rings.reshape(-1, 45, 9)[has], (grid / np.maximum(layer_e, 1e-30)[..., None])[has],
-                               atol=1e-5)
-    # other showers' rings (and centres) drawn: each ring takes its share, each layer keeps its energy
-    mine, other, moved = _matched_to_other_showers(model, g4, x)
-    torch.testing.assert_close(moved @ model.layer_matrix, x[mine] @ model.layer_matrix, rtol=1e-4, atol=1e-2)
-    assert bool((moved >= 0).all()) and bool((moved[x[mine] == 0] == 0).all())
-    want, before, after = (model._summaries(t)[:, 3 + 3 * n:].exp().numpy().reshape(-1, 45, 9)
-                           for t in (x[other], x[mine], moved))
-    high, core = g4.energy[mine] >= 4000, slice(5, 25)
-    gap_before = np.abs(before[high][:, core] - want[high][:, core]).mean()
-    gap_after = np.abs(after[high][:, core] - want[high][:, core]).mean()
-    assert gap_after < 0.2 * gap_before, (gap_before, gap_after)
-    # the shape model is told none of the layers' moments nor rings
-    y = torch.zeros(2, model.n_energy, requires_grad=True)
-    v = model._shape_velocity(torch.zeros(2, model.n_voxels), torch.full((2, 1), 0.5),
-                              model._shape_inputs(y, model.encode_conditions(np.full(2, 8000.0))))
-    assert float(torch.autograd.grad(v.square().sum(), y)[0][:, 4 + n:].abs().max()) == 0
-
-
 def test_checkpoints_from_before_the_layer_model_still_load(g4):
     """A checkpoint of the first version: no shape_model, lr_schedule or energy_knots in its config, one
     mean and spread per dimension (1-d buffers), no knots."""
     torch.manual_seed(0)
     old = create_model("flow_matching_pbwo4", shape_model="voxels", energy_knots=1, lr_schedule="constant",
                        hit_quantile=0.0, solver="midpoint", energy_n_steps=0, energy_solver="",
-                       shower_summaries=False, recentre=False, layer_moments=False, layer_rings=False,
-                       shape_widths=(32,),
+                       shower_summaries=False, recentre=False, layer_moments=False, shape_widths=(32,),
                        energy_widths=(16,))
     old.fit_data(g4.energy, g4.showers)
     old.shape_max.zero_()  # the first version had no bound but share <= 1
     state = {"family": old.family, "variant": old.variant, "config": old.config.to_dict(), "model": old.state_dict()}
     for key in ("shape_model", "energy_knots", "lr_schedule", "symmetric_alpha", "hit_quantile", "energy_n_steps",
-                "energy_solver", "shower_summaries", "recentre", "layer_moments", "layer_rings"):
+                "energy_solver", "shower_summaries", "recentre", "layer_moments"):
         state["config"].pop(key)
     state["model"] = {k: (v[0] if k.endswith(("_mean", "_std")) else v) for k, v in state["model"].items()
                       if k not in ("knots", "shape_max", "hit_threshold")}
@@ -286,3 +249,15 @@ def test_checkpoints_from_before_the_layer_model_still_load(g4):
     cond = old.encode_conditions(np.full(4, 8000.0))
     with torch.no_grad():
         torch.testing.assert_close(loaded.generate(noise, cond), old.generate(noise, cond), rtol=0, atol=0)
+
+
+def test_checkpoints_of_the_removed_layer_rings_are_refused_by_name_and_off_ones_load(g4):
+    """layer_rings (the energy model drawing every layer's radial profile) was tried and removed: a
+    checkpoint trained with it is refused with the reason, one written with it off loads as today's."""
+    model = create_model("flow_matching_pbwo4", energy_widths=(16,), shape_widths=(16,))
+    model.fit_data(g4.energy[:50], g4.showers[:50])
+    state = {"family": model.family, "variant": model.variant, "model": model.state_dict()}
+    loaded = model_from_checkpoint({**state, "config": {**model.config.to_dict(), "layer_rings": False}})
+    assert loaded.config == model.config
+    with pytest.raises(ValueError, match="layer_rings.*removed"):
+        model_from_checkpoint({**state, "config": {**model.config.to_dict(), "layer_rings": True}})

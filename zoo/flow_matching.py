@@ -21,14 +21,6 @@ energy in each voxel:
   to them (``recentre``, ``rewiden``). The shape model is not told them: it draws the voxels and their
   fluctuations, the energy model the shape's moments. On the held-out Geant4 split (README) this took
   the high-level AUC from 0.875 to 0.62 (low-level 0.746 to 0.740);
-- **layer rings** (``layer_rings``): the energy model also draws every layer's radial profile, the share
-  of the layer's energy in each of its radial bins (45 × 9 more dimensions in the PbWO4 readout), and
-  generation scales each ring of the shape model's shower to it in place of the one-number widening: the
-  shape model's radial profile was off by up to 28 % at 1-16 GeV, and the widening traded its outer
-  voxels against the core. What is left to the shape model is how a ring's energy spreads in alpha and
-  the voxels' fluctuations. Off by default: with an energy model 512 wide, a full run was worse (held-out
-  AUC 0.777 / 0.772 against 0.740 / 0.622, E_tot/E_inc off at 32 GeV), though with one trained shape
-  model and only the energy model retrained (6000 iterations) it took the low-level AUC from 0.785 to 0.73;
 - **shape model**: the voxel shares u_i = E_i / E_layer(i), through z_i = log(u_i + ``voxel_floor``)
   standardised per voxel, given the standardised layer energies and summaries y and the incident
   energy. An empty voxel is below log(``voxel_floor``) and a hit above it; in training empty voxels
@@ -91,8 +83,7 @@ SHAPE_MAX_MARGIN = 0.5
 class FlowMatchingConfig(ModelConfig):
     """Config of :class:`FlowMatching` (module docstring).
 
-    energy_widths, shape_widths: hidden widths of the two velocity MLPs (with ``layer_rings`` the energy
-        model draws 589 dimensions in the PbWO4 readout: 512 wide was measured).
+    energy_widths, shape_widths: hidden widths of the two velocity MLPs.
     shape_model: "layers" (one velocity field shared by all layers) or "voxels" (one over all voxels).
     symmetric_alpha: train on showers turned and mirrored in alpha (a beam along the readout's axis).
     shower_summaries: the energy model also draws the shower's transverse centre (x, y) and its width over
@@ -104,12 +95,6 @@ class FlowMatchingConfig(ModelConfig):
         width (not told to the shape model); generation moves each layer to its drawn centre (with
         ``recentre``) and widens or narrows it to its drawn width (with ``rewiden``;
         ``FlowMatching._matched``).
-    layer_rings: (with layer_moments) the energy model also draws every layer's radial profile (the
-        shares of the layer's energy in each of its radial bins); generation scales each ring of the
-        shape model's shower to its drawn share (in place of ``rewiden``'s one-number widening), so the
-        shape model draws only how a ring's energy spreads in alpha and the voxels' fluctuations. Off by
-        default: measured worse in a full run (README: low-level AUC 0.777 / high-level 0.772 against
-        0.740 / 0.622; E_tot/E_inc at 32 GeV off).
     time_features: sine/cosine pairs of t fed to both (plus t itself).
     n_steps, solver: the fixed-step integration of the shape model in generation (``euler`` or
         ``midpoint``, two velocity evaluations a step); energy_n_steps, energy_solver: the energy model's
@@ -136,7 +121,6 @@ class FlowMatchingConfig(ModelConfig):
     recentre: bool = True
     layer_moments: bool = True
     rewiden: bool = True
-    layer_rings: bool = False
     time_features: int = 4
     n_steps: int = 6
     solver: str = "euler"
@@ -178,19 +162,20 @@ class FlowMatchingConfig(ModelConfig):
             raise ValueError("recentre needs shower_summaries (the centre it moves showers to)")
         if self.layer_moments and not self.shower_summaries:
             raise ValueError("layer_moments needs shower_summaries (the layers' moments follow the shower's)")
-        if self.layer_rings and not self.layer_moments:
-            raise ValueError("layer_rings needs layer_moments (the rings are matched between the layers' shifts)")
         if not (self.layer_floor > 0 and self.voxel_floor > 0):
             raise ValueError(f"layer_floor and voxel_floor must be > 0, got {self.layer_floor}, {self.voxel_floor}")
 
     @classmethod
     def from_saved(cls, saved: dict) -> FlowMatchingConfig:
         """Checkpoints written before ``shape_model``, ``lr_schedule`` and ``energy_solver`` existed: the
-        all-voxel MLP, trained at a constant learning rate, both models integrated alike."""
+        all-voxel MLP, trained at a constant learning rate, both models integrated alike. One trained
+        with ``layer_rings`` (an experiment, measured worse and removed: README) is refused."""
+        if saved.get("layer_rings"):
+            raise ValueError("this checkpoint was trained with layer_rings, an experiment that was removed "
+                             "(measured worse: README); retrain it without")
         return super().from_saved({"shape_model": "voxels", "lr_schedule": "constant", "energy_knots": 1,
                                    "hit_quantile": 0.0, "energy_n_steps": 0, "energy_solver": "",
                                    "shower_summaries": False, "recentre": False, "layer_moments": False,
-                                   "layer_rings": False,
                                    **saved})
 
 
@@ -240,19 +225,7 @@ class FlowMatching(ShowerModel):
         self.register_buffer("layer_matrix", torch.from_numpy(onehot))
         # the response, the layers' shares of E_tot, then the shower's centre (x, y) and width (summaries),
         # then every layer's centre x, y and width (layer_moments): n_layers each
-        # with layer_rings then every (layer, radial bin) ring's share of its layer's energy (not told to the
-        # shape model either)
-        self.n_rings = 0
-        if config.layer_rings:
-            ring_of = np.unique(np.stack([layer_of, self.readout.voxel_r], axis=1), axis=0, return_inverse=True)[1].ravel()
-            self.n_rings = int(ring_of.max()) + 1
-            rings = np.zeros((self.n_voxels, self.n_rings), dtype=np.float32)
-            rings[np.arange(self.n_voxels), ring_of] = 1.0
-            self.register_buffer("ring_matrix", torch.from_numpy(rings), persistent=False)
-            # ring → layer sums: (ring_matrix.T @ layer_matrix) has one 1 per ring
-            self.register_buffer("ring_layer", (self.ring_matrix.T @ self.layer_matrix).clamp_max(1.0), persistent=False)
-        self.n_summaries = ((3 if config.shower_summaries else 0) + (3 * self.n_layers if config.layer_moments else 0)
-                            + self.n_rings)
+        self.n_summaries = (3 if config.shower_summaries else 0) + (3 * self.n_layers if config.layer_moments else 0)
         self.n_energy = self.n_layers + 1 + self.n_summaries
         # what the shape model is told of y: all but the layers' moments, which generation matches instead
         # (told them, a run's shape model was worse: low-level AUC 0.90 against 0.75)
@@ -354,12 +327,7 @@ class FlowMatching(ShowerModel):
         total = layer[:, :1].clamp_min(1e-12)
         centre = layer[:, 1:3] / total  # (B, 2, n_layers); 0 for an empty layer
         width = (layer[:, 3:] / total - centre.square().sum(1, keepdim=True)).clamp_min(0.0).sqrt()
-        summaries = torch.cat([summaries, centre[:, 0], centre[:, 1], torch.log(width[:, 0] + 1.0)], dim=1)
-        if not self.config.layer_rings:
-            return summaries
-        rings = showers.clamp_min(0.0) @ self.ring_matrix  # (B, n_rings) MeV
-        share = rings / (rings @ self.ring_layer @ self.ring_layer.T).clamp_min(1e-12)
-        return torch.cat([summaries, torch.log(share + self.config.layer_floor)], dim=1)
+        return torch.cat([summaries, centre[:, 0], centre[:, 1], torch.log(width[:, 0] + 1.0)], dim=1)
 
     def _knot_weights(self, cond: torch.Tensor) -> torch.Tensor:
         """(B, energy_knots): the weights of the tables' rows at each shower's energy (linear
@@ -560,7 +528,7 @@ class FlowMatching(ShowerModel):
         share = share / (share @ self.layer_matrix @ self.layer_matrix.T).clamp_min(1e-12)
         voxels = share * (layers @ self.layer_matrix.T)
         # before the threshold: they move energy between hits but make none smaller than it
-        if cfg.layer_moments and (cfg.recentre or cfg.rewiden or cfg.layer_rings):
+        if cfg.layer_moments and (cfg.recentre or cfg.rewiden):
             voxels = self._matched(voxels, y, conditions)
         elif cfg.recentre:
             voxels = self._recentred(voxels, y, conditions)
@@ -592,22 +560,16 @@ class FlowMatching(ShowerModel):
         distance from the layer's centre, which keeps its energy and centre (for a layer symmetric about
         it) and moves <ρ²> by c var(ρ²), solved for c; weights kept within [1/4, 4] as there. The
         widening moves an asymmetric layer's centre, the shift its width a little: both twice, then
-        the shift once more. With ``layer_rings`` each ring is scaled to its drawn share
-        (``_ringed``) in place of the widening."""
+        the shift once more."""
         n, m = self.n_layers, self.layer_matrix
         y_mean, y_std, _, _ = self._tables(conditions)
-        y = y * y_std + y_mean
-        drawn = y[:, 4 + n:4 + 4 * n].reshape(-1, 3, n)  # (B, 3, n_layers): x, y (mm), log(width + 1)
+        drawn = (y * y_std + y_mean)[:, 4 + n:].reshape(-1, 3, n)  # (B, 3, n_layers): x, y (mm), log(width + 1)
         target = (torch.exp(drawn[:, 2]) - 1.0).clamp_min(0.0).square()  # <ρ²> mm²
         vx, vy = self.summary_coords[:, 1], self.summary_coords[:, 2]
 
         def shift(voxels):
             return self._shifted(voxels, to=(drawn[:, 0], drawn[:, 1])) if self.config.recentre else voxels
 
-        if self.config.layer_rings:
-            for _ in range(2):  # as below, the rings' shares in place of the widths
-                voxels = self._ringed(shift(voxels), y[:, 4 + 4 * n:])
-            return shift(voxels)
         if not self.config.rewiden:
             return shift(voxels)
         for _ in range(2):  # each step disturbs the other a little: twice, and the centres once more
@@ -621,24 +583,6 @@ class FlowMatching(ShowerModel):
             out = voxels * (1.0 + (c @ m.T) * (rho2 - mean @ m.T)).clamp(0.25, 4.0)
             voxels = self._layers_kept(out, voxels)
         return shift(voxels)
-
-    def _ringed(self, voxels: torch.Tensor, log_share: torch.Tensor) -> torch.Tensor:
-        """Voxels (B, n_voxels) MeV with each ring (a layer's radial bin) scaled to the share of its layer's
-        energy drawn for it (``log_share`` (B, n_rings): log(share + layer_floor)), by at most 4 up
-        (a ring the shape model left nearly empty is not blown up from a stray hit; an empty one stays
-        empty) and down to zero (a ring drawn empty is emptied); each layer is then put back to its
-        energy."""
-        rl, rm = self.ring_layer, self.ring_matrix
-        drawn = (torch.exp(log_share) - self.config.layer_floor).clamp_min(0.0)
-        drawn = drawn / (drawn @ rl @ rl.T).clamp_min(1e-12)
-        rings = voxels @ rm  # (B, n_rings) MeV
-        layer = rings @ rl @ rl.T  # each ring's layer energy
-        scale = (drawn * layer / rings.clamp_min(1e-12)).clamp_max(4.0)
-        out = voxels * (scale @ rm.T)
-        m = self.layer_matrix
-        # a layer whose rings with energy were all drawn (nearly) empty stays as it was
-        out = torch.where((out @ m @ m.T) > 1e-6 * (voxels @ m @ m.T), out, voxels)
-        return self._layers_kept(out, voxels)
 
     def _layers_kept(self, out: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
         """``out`` (B, n_voxels) with each layer scaled back to its energy in ``voxels``."""
