@@ -47,6 +47,18 @@ def test_criterion_is_zero_for_identical_samples_and_grows_with_the_depth_shift(
     assert values[0] < values[1] < values[2]
 
 
+def test_the_criterion_s_error_is_its_spread_over_samples_of_the_same_showers():
+    """``criterion_error`` (the parts' χ² variances added) against the criterion's spread over
+    independent samples of the same showers, and larger for a model the criterion tells apart."""
+    ref, e = _showers(150, seed=0)
+    runs = [checkpoint_metrics(*_showers(150, seed=s), ref, e, READOUT) for s in range(1, 9)]
+    values = np.array([m[CRITERION] for m in runs])
+    errors = np.array([m[CRITERION + "_error"] for m in runs])
+    assert 0.5 < values.std(ddof=1) / errors.mean() < 2.0, (values.std(ddof=1), errors.mean())
+    far = checkpoint_metrics(*_showers(150, seed=1, depth_shift=1.0), ref, e, READOUT)
+    assert far[CRITERION + "_error"] > 1.5 * errors.mean()
+
+
 def test_two_checkpoints_of_a_table_driven_vae_get_different_criteria(tmp_path):
     torch.manual_seed(0)
     model = create_model("par04_vae_pbwo4", encoder_widths=(16, 8), latent_dim=4)
@@ -69,4 +81,6 @@ def test_two_checkpoints_of_a_table_driven_vae_get_different_criteria(tmp_path):
     mgr.save({"x": torch.tensor(0.0)}, 100, first)
     mgr.save({"x": torch.tensor(1.0)}, 200, second)
     better = 100 if first[CRITERION] < second[CRITERION] else 200
+    # (further apart than their statistical error: the smaller is the better, not the later)
+    assert abs(first[CRITERION] - second[CRITERION]) > 1.5 * max(first[CRITERION + "_error"], second[CRITERION + "_error"])
     assert mgr.best()["iteration"] == better

@@ -76,6 +76,22 @@ def test_a_tie_goes_to_the_later_checkpoint(tmp_path):
     assert mgr.best()["iteration"] == 300
 
 
+def test_the_best_is_the_latest_that_the_metric_s_error_cannot_tell_from_the_smallest(tmp_path):
+    """Once a model is as good as the validation set can tell, the smallest value is the luckiest draw:
+    a later checkpoint within √2 × its error (the error of a difference) is taken, one beyond it not."""
+    mgr = CheckpointManager(tmp_path, keep=4)
+    for it, v in ((100, 4.5), (200, 4.75), (300, 4.62), (400, 4.66)):
+        mgr.save({"x": torch.tensor(0.0)}, it, {"criterion": v, "criterion_error": 0.12})
+    assert mgr.best()["iteration"] == 400  # 4.66 - 4.5 < 0.17; 4.75 at 200 is beyond
+    mgr.save({"x": torch.tensor(0.0)}, 500, {"criterion": 4.7, "criterion_error": 0.12})
+    assert mgr.best()["iteration"] == 400
+    # without an error (another metric, an older index) only a tie goes to the later one
+    plain = CheckpointManager(tmp_path / "plain", keep=4)
+    for it, v in ((100, 4.5), (200, 4.6)):
+        plain.save({"x": torch.tensor(0.0)}, it, {"criterion": v})
+    assert plain.best()["iteration"] == 100
+
+
 def _vae():
     torch.manual_seed(0)
     return create_model("par04_vae_pbwo4", batch_size=32)

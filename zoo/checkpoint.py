@@ -84,7 +84,15 @@ class CheckpointManager:
     metric: by default ``"criterion"``, ``validate.metrics.CRITERION`` (zoo may not import validate):
     the sum of the χ²/ndf of E_tot, the layer energies, centres and widths, which sees the network even
     where E_tot does not come from it. An index written with another metric keeps the values it
-    was written with."""
+    was written with.
+
+    The best checkpoint (:meth:`best`) is the latest of those the metric cannot tell from the smallest:
+    within the statistical error of a difference of two values, √2 × the smallest one's
+    ``{metric}_error`` when its metrics have one (``validate.metrics``), else only on a tie. Once a model
+    is as good as the validation set can tell, the smallest value is the luckiest draw of the noise:
+    on the held-out Geant4 split the flow-matching model's checkpoint picked so (iteration 3000 of 16000,
+    criterion 4.50 against 4.64 at the last, 0.18 allowed) was told from Geant4 with AUC 0.86, the last one
+    with 0.69 (README)."""
 
     def __init__(self, directory, keep: int = 5, metric: str = "criterion"):
         if keep < 2:
@@ -167,9 +175,15 @@ class CheckpointManager:
         return self.dir / max(self.entries, key=lambda e: e["iteration"])["file"] if self.entries else None
 
     def best(self) -> dict | None:
-        """The index entry (iteration, file, metrics) of the best checkpoint kept."""
+        """The index entry (iteration, file, metrics) of the best checkpoint kept: the latest whose value
+        the smallest one's statistical error cannot tell from it (class docstring)."""
         ranked = self._ranked()
-        return ranked[0] if ranked else None
+        if not ranked:
+            return None
+        top = ranked[0]
+        error = top["metrics"].get(f"{self.metric}_error")
+        tolerance = math.sqrt(2.0) * error if isinstance(error, (int, float)) and math.isfinite(error) else 0.0
+        return max((e for e in ranked if e["value"] <= top["value"] + tolerance), key=lambda e: e["iteration"])
 
     def files(self) -> list[Path]:
         return [self.dir / e["file"] for e in self.entries]
