@@ -16,7 +16,8 @@ features, classifier AUC/JSD on low- and high-level input, FPD/KPD, profile plot
 ``OUT/NAME/validation/``, and the summary table of all of them is printed at the end. ``--reuse``
 takes the best checkpoint already in ``OUT/NAME`` instead of training again; ``--set KEY=VALUE``
 overrides the config of every model trained in the run (e.g. ``--set kl_weight=0.01``), and with
-``--reuse`` that of the loaded checkpoint: fields read at generation only (``--set n_steps=4``).
+``--reuse`` that of the loaded checkpoint: fields read at generation only (``--set n_steps=4``);
+``--iteration N`` with ``--reuse`` takes that checkpoint instead of the best.
 """
 
 import argparse
@@ -49,6 +50,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--classifier-epochs", type=int, default=30)
     ap.add_argument("--reuse", action="store_true", help="Use the best checkpoint already in OUT/NAME if any.")
+    ap.add_argument("--iteration", type=int, default=None,
+                    help="With --reuse: that iteration's checkpoint rather than the best (e.g. the last).")
     ap.add_argument("--leave-out", default="", metavar="GEV[,GEV]",
                     help="Energies kept out of training and checkpoint selection, only in the report (interpolation).")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -90,7 +93,7 @@ def main():
         model = create_model(name, **overrides)
         t0 = time.perf_counter()
         every = int(every[0]) if every else args.checkpoint_every
-        best = CheckpointManager(out / name / "checkpoints").best() if args.reuse else None
+        best = _checkpoint(out / name / "checkpoints", args.iteration) if args.reuse else None
         reused = best is not None
         if best is None:
             res = train(model, tr, select, TrainConfig(iterations=int(iters), checkpoint_every=every,
@@ -126,6 +129,17 @@ def main():
               f"{h['fpd']:.3g} ± {h['fpd_error']:.1g} | {h['kpd']:.2g} ± {h['kpd_error']:.1g} | "
               f"{h['sep_power_etot']:.3f} | {h['max_sep_power_etot_per_energy']:.3f} | "
               f"{h['max_long_rel']:.1%} / {h['max_rad_rel']:.1%} | {h['mean_sep_power_features']:.3f} |")
+
+
+def _checkpoint(directory: Path, iteration: int | None) -> dict | None:
+    """The best checkpoint in ``directory`` (None if none), or the one of ``iteration``."""
+    manager = CheckpointManager(directory)
+    if iteration is None:
+        return manager.best()
+    kept = {c["iteration"]: c for c in manager.entries}
+    if iteration not in kept:
+        raise SystemExit(f"--iteration {iteration}: {directory} keeps the checkpoints of {sorted(kept)}")
+    return kept[iteration]
 
 
 def print_table(title, rows, auc, floor=None):
