@@ -1,10 +1,11 @@
 """From a finished training run to a registered model: best epoch, ONNX export, parity gate,
 registration, and the ``champion`` alias.
 
-1. **Best epoch**: the kept checkpoint with the smallest validation ``criterion`` (the sum of the
-   χ²/ndf of E_tot/E_inc, of the layer energies and of the per-layer centres and widths, summed over
-   incident-energy points, ``validate.metrics``; ``chi2_sum``, FastCaloGAN's criterion, is reported
-   with it), as ``zoo.checkpoint.CheckpointManager`` ranks them.
+1. **Best epoch**: by the validation ``criterion`` (the sum of the χ²/ndf of E_tot/E_inc, of the
+   layer energies and of the per-layer centres and widths, summed over incident-energy points,
+   ``validate.metrics``; ``chi2_sum``, FastCaloGAN's criterion, is reported with it), the latest kept
+   checkpoint that the smallest one's statistical error cannot tell from it, as
+   ``zoo.checkpoint.CheckpointManager`` picks it.
 2. **Export**: its inference graph, (noise, conditions) → voxel energies in MeV, dynamic batch axis,
    opset ``zoo.export.OPSET``, ``onnx.checker``; metadata_props carry everything a consumer needs
    (:func:`export_metadata`).
