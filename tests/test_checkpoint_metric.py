@@ -82,5 +82,6 @@ def test_two_checkpoints_of_a_table_driven_vae_get_different_criteria(tmp_path):
     mgr.save({"x": torch.tensor(1.0)}, 200, second)
     better = 100 if first[CRITERION] < second[CRITERION] else 200
     # (further apart than their statistical error: the smaller is the better, not the later)
-    assert abs(first[CRITERION] - second[CRITERION]) > 1.5 * max(first[CRITERION + "_error"], second[CRITERION + "_error"])
+    error = max(first[CRITERION + "_error"], second[CRITERION + "_error"])
+    assert abs(first[CRITERION] - second[CRITERION]) > 1.5 * error
     assert mgr.best()["iteration"] == better

@@ -38,11 +38,13 @@ over ndf², 2 (ndf + 2 λ) / ndf² with λ = χ² - ndf estimated from the part 
 a model as good as the statistics can tell), and the parts add in quadrature. A good model's
 criterion sits near its floor of about 4 with an error of 0.1-0.2 (some 50 validation showers per
 energy point): two checkpoints closer than that are not told apart, and the checkpoint manager then
-prefers the later one (trained longer, at the end of a cosine schedule settled). ``chi2_sum`` keeps its meaning, FastCaloGAN's
-criterion, and is still reported. Cost: one pass over the voxels for the layer energies and one for
-the moments, of the generated and the reference showers, and the histograms of all layers binned at
-once: 2.7 s for 5000 against 5000 showers of 6480 voxels on a shared 2-core CPU (E_tot's χ²: 0.2 s),
-a fraction of what generating them costs; a 368-voxel FastCaloGAN region costs a twentieth of that.
+prefers the later one (trained longer, at the end of a cosine schedule settled).
+
+``chi2_sum`` keeps its meaning, FastCaloGAN's criterion, and is still reported. Cost: one pass over the
+voxels for the layer energies and one for the moments, of the generated and the reference showers, and
+the histograms of all layers binned at once: 2.7 s for 5000 against 5000 showers of 6480 voxels on a
+shared 2-core CPU (E_tot's χ²: 0.2 s), a fraction of what generating them costs; a 368-voxel
+FastCaloGAN region costs a twentieth of that.
 """
 
 from __future__ import annotations
