@@ -3,6 +3,7 @@ node of one worker removed mid-run (every region finishes, and the lost worker's
 their checkpoints instead of restarting), tracked in MLflow; a fleet of FAST.AR models on a local
 Ray, which trains as a bank like every family."""
 
+import dataclasses
 import os
 import re
 import threading
@@ -15,10 +16,10 @@ import pytest
 from showers.campaign import CampaignSpec, run_campaign
 from showers.detector import get_detector
 from zoo.checkpoint import CheckpointManager
-from calozoo.tracked import run_tracked_fleet
+from calozoo.tracked import MLflowFleetTracker, run_tracked_fleet
 from showers.campaign import list_regions
 from trainers.data import DataSplit
-from trainers.fleet import FleetConfig, assign_regions, run_fleet
+from trainers.fleet import FleetConfig, assign_regions, run_fleet, train_share
 from trainers.loop import TrainConfig
 from .conftest import mlflow_store
 
@@ -130,6 +131,49 @@ def test_fleet_survives_losing_a_node(campaign, tmp_path, monkeypatch):
     assert parent[0].info.status == "FINISHED"
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
     assert children == {f"fastcalogan/{r}" for r in cfg.regions}
+
+
+class DiesBeforeTheEnd(MLflowFleetTracker):
+    """A worker that dies as its second region ends: after its last checkpoint, before its run ends."""
+
+    ended = 0
+
+    def finish_region(self, region, run_dir, val):
+        self.ended += 1
+        if self.ended == 2:
+            raise SystemExit(f"worker lost while ending {region}")
+        super().finish_region(region, run_dir, val)
+
+
+def test_a_region_whose_worker_died_as_it_ended_is_ended_on_resume(campaign, tmp_path):
+    """The race a node loss can hit (seen in CI): the last checkpoint is on disk, but the run's end (its
+    tracked run, its log line) is not. The resumed worker ends that region, training nothing, and
+    skips the one that had ended."""
+    from registry.tracking import get_client
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    regions = ["photon_eta_020_025", "pion_eta_020_025"]
+    cfg = dataclasses.replace(fleet_config(campaign, tmp_path / "fleet"), bank_size=1)  # one region a bank
+    with pytest.raises(SystemExit, match="worker lost"):
+        train_share(cfg, regions, tracker=DiesBeforeTheEnd("race", uri))
+    out = tmp_path / "fleet"
+    ended = [r for r in regions if "done iteration=" in (out / r / "fleet.log").read_text()]
+    assert len(ended) == 1
+    [cut] = [r for r in regions if r not in ended]
+    assert CheckpointManager(out / cut / "checkpoints").latest().name == f"ckpt-{ITERATIONS:09d}.pt"
+
+    results = train_share(cfg, regions, tracker=MLflowFleetTracker("race", uri))
+    assert sorted(results) == sorted(regions) and all(results[r] is not None for r in regions)
+    assert starts(out / ended[0]) == [0]  # not touched again
+    assert starts(out / cut) == [0, ITERATIONS]  # ended, not retrained
+    assert (out / cut / "fleet.log").read_text().splitlines()[-1].split()[1:3] == ["done", f"iteration={ITERATIONS}"]
+    client = get_client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {f"fastcalogan/{r}": "FINISHED" for r in regions}
+    assert all("best_iteration" in r.data.tags for r in runs)
+    # a third pass has nothing to do
+    train_share(cfg, regions, tracker=MLflowFleetTracker("race", uri))
+    assert starts(out / cut) == [0, ITERATIONS] and starts(out / ended[0]) == [0]
 
 
 def test_list_regions_filters(campaign):

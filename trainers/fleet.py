@@ -10,10 +10,12 @@ through the ``tracker`` it is handed (calozoo's: an MLflow run per region, a chi
 its own record; the fleet itself imports no tracking library.
 
 Fault tolerance: with ``FailureConfig(max_failures)``, a worker that dies is replaced, Ray Train
-restarts the worker group, and every region resumes from its own latest checkpoint (regions that are
-finished are skipped): nothing is retrained from scratch. Each start of a region is appended to
-``OUT/<region>/fleet.log`` (iteration it started from, worker rank), which is how the tests see that a
-region resumed rather than restarted.
+restarts the worker group, and every region resumes from its own latest checkpoint: nothing is
+retrained from scratch. Each start and end of a region is appended to ``OUT/<region>/fleet.log``
+(iteration it started from, worker rank; best epoch), which is how the tests see that a region resumed
+rather than restarted. Regions whose log ends with their end are skipped; one whose worker died
+between its last checkpoint and that line goes through the loop again, which trains nothing and ends
+it (its log line, its tracked run).
 """
 
 from __future__ import annotations
@@ -147,6 +149,16 @@ def _region_log(run_dir: Path, text: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 
 
+def _finished(run_dir: Path, iterations: int) -> bool:
+    """Whether the region in ``run_dir`` has trained to ``iterations`` and ended (its log's last line)."""
+    log = run_dir / "fleet.log"
+    if not log.exists():
+        return False
+    lines = log.read_text().splitlines()
+    return bool(lines) and f" done iteration={iterations} " in f"{lines[-1]} " and CheckpointManager(
+        run_dir / "checkpoints").best() is not None
+
+
 def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank: int = 0, report=None,
                 tracker: FleetTracker | None = None) -> dict:
     """Train ``regions`` (one worker's share) as banks; returns {region: best checkpoint entry}.
@@ -171,15 +183,22 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
             groups[-1].append(n)
         else:
             groups.append([n])
-    for names in groups:
+    for group in groups:
+        # a region is finished once its log says so: one whose last checkpoint was written but whose
+        # worker died before the end of its run (the log line, the tracker's ending) goes through the
+        # loop again, which trains nothing and ends it
+        names = []
+        for n in group:
+            if _finished(out / n, tcfg.iterations):
+                results[n] = CheckpointManager(out / n / "checkpoints").best()
+            else:
+                names.append(n)
+        if not names:
+            continue
         dirs = [out / n for n in names]
         # the iteration each region starts from, from its checkpoint index (no checkpoint is read)
         starts = [max((e["iteration"] for e in CheckpointManager(d / "checkpoints").entries), default=0)
                   for d in dirs]
-        if min(starts) >= tcfg.iterations:
-            for n, d in zip(names, dirs):
-                results[n] = CheckpointManager(d / "checkpoints").best()
-            continue
         models, trains, vals = [], [], []
         for n in names:
             data = load_showers(Path(cfg.data_dir) / f"{n}.h5")
@@ -205,10 +224,10 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
         for n, d, va in zip(names, dirs, vals):
             best = CheckpointManager(d / "checkpoints").best()
             results[n] = best
-            _region_log(d, f"done iteration={tcfg.iterations} best={best['iteration']} "
-                           f"chi2_sum={best['metrics']['chi2_sum']:.4g}")
             if tracker is not None:
                 tracker.finish_region(n, d, va)
+            _region_log(d, f"done iteration={tcfg.iterations} best={best['iteration']} "
+                           f"chi2_sum={best['metrics']['chi2_sum']:.4g}")  # the last word: see _finished
     if report is not None:
         report({"regions_done": len(results), "rank": rank})
     return results
