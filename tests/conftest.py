@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,18 @@ def _private_stores(tmp_path_factory):
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     os.environ.setdefault("CALOZOO_CACHE", str(root / "cache"))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_ray_at_exit():
+    """The local Ray that in-process fleets and sweeps leave up (a CLI process leaves its own to its exit) is
+    shut down here, before the interpreter's own end. Once, after every test had passed, a thread other
+    than the main one crashed (segmentation fault) while Python finalised, and took the suite's exit
+    status with it; the threads of a Ray core worker still up are the likeliest such thread."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 _TEMPLATE: list[Path] = []
