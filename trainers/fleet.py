@@ -149,14 +149,14 @@ def _region_log(run_dir: Path, text: str) -> None:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 
 
-def _finished(run_dir: Path, iterations: int) -> bool:
-    """Whether the region in ``run_dir`` has trained to ``iterations`` and ended (its log's last line)."""
+def _ended(run_dir: Path, iterations: int) -> dict | None:
+    """The best checkpoint entry of the region in ``run_dir`` if it has trained to ``iterations`` and
+    ended (its log's last line says so), else None."""
     log = run_dir / "fleet.log"
-    if not log.exists():
-        return False
-    lines = log.read_text().splitlines()
-    return bool(lines) and f" done iteration={iterations} " in f"{lines[-1]} " and CheckpointManager(
-        run_dir / "checkpoints").best() is not None
+    lines = log.read_text().splitlines() if log.exists() else []
+    if not lines or lines[-1].split()[1:3] != ["done", f"iteration={iterations}"]:
+        return None
+    return CheckpointManager(run_dir / "checkpoints").best()
 
 
 def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank: int = 0, report=None,
@@ -189,8 +189,9 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
         # loop again, which trains nothing and ends it
         names = []
         for n in group:
-            if _finished(out / n, tcfg.iterations):
-                results[n] = CheckpointManager(out / n / "checkpoints").best()
+            best = _ended(out / n, tcfg.iterations)
+            if best is not None:
+                results[n] = best
             else:
                 names.append(n)
         if not names:
@@ -227,7 +228,7 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
             if tracker is not None:
                 tracker.finish_region(n, d, va)
             _region_log(d, f"done iteration={tcfg.iterations} best={best['iteration']} "
-                           f"chi2_sum={best['metrics']['chi2_sum']:.4g}")  # the last word: see _finished
+                           f"chi2_sum={best['metrics']['chi2_sum']:.4g}")  # the last word: see _ended
     if report is not None:
         report({"regions_done": len(results), "rank": rank})
     return results
