@@ -397,11 +397,17 @@ def _register(run_dir, campaign=None, region=None) -> None:
         pub = publish(run_dir, campaign=campaign, region=region)
     except (ParityError, FileNotFoundError, LookupError, ValueError) as exc:  # a truncated checkpoint: ValueError
         _fail(exc)
+    click.echo(_publication_line(pub))
+
+
+def _publication_line(pub) -> str:
     what = "already registered as" if pub.existing else "registered"
     crit = pub.metrics.get("criterion")  # best-epoch criterion (validate.metrics); absent in older runs
-    click.echo(f"{what} {pub.name} v{pub.version} (iteration {pub.iteration}, "
-               + (f"criterion {crit:.3g}, " if crit is not None else "") + f"chi2 sum "
-               f"{pub.metrics['chi2_sum']:.1f}); {pub.decision}" + (" -> @champion" if pub.champion else ""))
+    margin = pub.parity.get("margin")
+    return (f"{what} {pub.name} v{pub.version} ({pub.model or 'model'}, iteration {pub.iteration}, "
+            + (f"criterion {crit:.3g}, " if crit is not None else "") + f"chi2 sum {pub.metrics['chi2_sum']:.1f}"
+            + (f", parity margin {margin:.3g}" if margin is not None else "") + f"); {pub.decision}"
+            + (" -> @champion" if pub.champion else ""))
 
 
 @main.command()
@@ -409,10 +415,30 @@ def _register(run_dir, campaign=None, region=None) -> None:
 @click.option("--campaign", default=None, help="Default: the campaign the run was tracked with.")
 @click.option("--region", default=None, help="Default: the region the run was tracked with.")
 def register(run_dir, campaign, region) -> None:
-    """Register a tracked run's best checkpoint: select it (FastCaloGAN's chi2 criterion), export it
-    to ONNX with its metadata, check ONNX Runtime against torch (1e-4), register it as
-    CAMPAIGN.FAMILY.REGION and make it @champion if it beats the current one."""
+    """Register a tracked run's best checkpoint: select it (the validation criterion), export it to
+    ONNX with its metadata, check ONNX Runtime against the torch model in float64 (the parity gate),
+    register it as CAMPAIGN.REGION (the family a tag of the version) and make it @champion if its
+    criterion beats the current champion's, whatever that one's family."""
     _register(run_dir, campaign, region)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why this version is the champion (recorded on the version).")
+def promote(name, version, reason) -> None:
+    """Make VERSION of the registered model NAME its @champion by hand, recording why (its
+    champion_decision tag). Pulls follow the alias at once; so they do when it is moved in the MLflow UI."""
+    from registry.publish import promote as move_alias
+
+    try:
+        before = move_alias(name, version, reason)
+    except ValueError as exc:
+        _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - an unknown name or version: MLflow's message, on one line
+        _fail(RuntimeError(f"cannot promote {name} v{version}: {str(exc).splitlines()[0][:300]}"))
+    click.echo(f"{name}@champion -> v{version}" + (f" (was v{before})" if before and before != str(version) else "")
+               + f": {reason}")
 
 
 @main.command()
@@ -498,7 +524,8 @@ def mlflow_sync(run_dir, tracking_uri) -> None:
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seconds to wait for the tracking server per request.")
 def models(pattern, timeout) -> None:
-    """List the registered models, their versions and champions."""
+    """List the registered models (one per region), their versions and champions: the champion's family
+    and the figure it won on (its validation criterion)."""
     from registry.pull import RegistryError, list_models
 
     try:
@@ -506,9 +533,13 @@ def models(pattern, timeout) -> None:
     except RegistryError as exc:
         _fail(exc)
     for r in rows:
-        champ, metric = r["champion"], r["chi2_sum"]
-        click.echo(f"{r['name']:50s} {r['versions']:3d} version{'s' if r['versions'] != 1 else ' '}  champion: "
-                   + (f"v{champ} (val chi2 sum {metric:.4g})" if champ and metric is not None else "none"))
+        champ = r["champion"]
+        won = f", val {r['metric']} {r['value']:.4g}" if r["value"] is not None else ""
+        line = (f"{r['name']:40s} {r['versions']:3d} version{'s' if r['versions'] != 1 else ' '}  champion: "
+                + (f"v{champ} {r['family'] or '?'} ({r['model'] or '?'}{won})" if champ else "none"))
+        if len(r["families"]) > 1:
+            line += f"; families: {', '.join(r['families'])}"
+        click.echo(line + ("  [former naming CAMPAIGN.FAMILY.REGION]" if r["legacy"] else ""))
 
 
 @main.command()
@@ -532,11 +563,15 @@ def models(pattern, timeout) -> None:
 @click.option("--campaign", default=None, help="MLflow experiment (default: the data folder's name).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
 @click.option("--plots/--no-plots", default=True, show_default=True, help="A validation plot per region.")
-@click.option("--register", "do_register", is_flag=True, help="Then register every region's best checkpoint.")
+@click.option("--register", "do_register", is_flag=True,
+              help="Then register every region's best checkpoint (as CAMPAIGN.REGION, export and gate in parallel).")
 def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu, address, max_failures, train, split,
           overrides, bank_size, init_checkpoint, campaign, use_mlflow, plots, do_register) -> None:
     """Train one MODEL per detector region on Ray Train workers, as banks of stacked models."""
     import dataclasses
+
+    if do_register and not use_mlflow:
+        raise click.UsageError("--register needs MLflow tracking (drop --no-mlflow)")
 
     from calozoo.tracked import run_labels, run_tracked_fleet
     from showers.campaign import list_regions
@@ -571,8 +606,26 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
     if missing:
         _fail(RuntimeError(f"{len(missing)} regions have no checkpoint: {', '.join(missing[:10])}"))
     if do_register:
-        for r in sorted(done):
-            _register(Path(cfg.out_dir) / r)
+        _register_fleet([Path(cfg.out_dir) / r for r in sorted(done)])
+
+
+def _register_fleet(run_dirs: list[Path]) -> None:
+    """Register a fleet's regions (``registry.publish.publish_many``: export and gate in as many processes
+    as this process may use CPUs, then MLflow); one line per region; a region refused ends the command
+    with a non-zero exit after the others are registered."""
+    import time
+
+    from registry.publish import publish_many
+
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                  len(run_dirs))
+    t0 = time.perf_counter()
+    pubs, failed = publish_many(run_dirs, workers=workers, progress=lambda text: click.echo(f"  {text}"))
+    click.echo(f"{len(pubs)} of {len(run_dirs)} regions registered in {time.perf_counter() - t0:.0f} s "
+               f"(export and parity gate in {workers} process{'es' if workers != 1 else ''})")
+    if failed:
+        _fail(RuntimeError(f"{len(failed)} regions not registered: "
+                           + "; ".join(f"{Path(d).name}: {why}" for d, why in list(failed.items())[:5])))
 
 
 @main.command()
@@ -700,21 +753,24 @@ def validate(generated, reference, out_dir, readout, classifier, epochs, max_sho
 
 @main.command("validate-fleet")
 @click.option("--campaign", required=True, help="The campaign the models were registered under.")
-@click.option("--family", required=True, help="Model family (e.g. fastcalogan, par04_vae).")
+@click.option("--family", default=None,
+              help="Only for a store of the former naming CAMPAIGN.FAMILY.REGION: the family in its names.")
 @click.option("--reference", "reference_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of held-out <region>.h5 reference files.")
 @click.option("--regions", "patterns", multiple=True, help="Region name or glob (repeatable; default: all).")
-@click.option("-o", "--out", "out_dir", default=None, help="Default: out/validation/CAMPAIGN.FAMILY.")
+@click.option("-o", "--out", "out_dir", default=None, help="Default: out/validation/CAMPAIGN.")
 @click.option("--alias", default="champion", show_default=True)
 @click.option("--fail", "thresholds", multiple=True, metavar="METRIC<=VALUE",
               help="A region fails unless METRIC<=VALUE or METRIC>=VALUE (repeatable; default: "
                    "max_sep_power_etot_per_energy<=0.3, max_long_rel<=0.3, max_rad_rel<=0.2).")
 @_with_validate_options
 @click.option("--offline", is_flag=True, help="Use cached models only.")
+@click.option("--attach", is_flag=True, help="Add each region's figures (and the reference's floor) to the model "
+              "version validated, in the registry.")
 def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias, thresholds, classifier, epochs,
-                       max_showers, per_layer, distances, gpu, offline) -> None:
-    """Validate every region's registered model against its reference showers; one report per
-    region and a summary table of which regions fail the thresholds."""
+                       max_showers, per_layer, distances, gpu, offline, attach) -> None:
+    """Validate every region's registered model (CAMPAIGN.REGION@ALIAS, whatever its family) against its
+    reference showers; one report per region and a summary table of which regions fail the thresholds."""
     from calozoo.fleet_validation import validate_fleet
     from validate.fleet import DEFAULT_THRESHOLDS, parse_threshold
 
@@ -724,16 +780,17 @@ def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias
             parse_threshold(t)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fail") from None
-    out = Path(out_dir or f"out/validation/{campaign}.{family}")
+    out = Path(out_dir or f"out/validation/{campaign}" + (f".{family}" if family else ""))
     cfg = _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu)
     try:
-        rows = validate_fleet(campaign, family, reference_dir, out, regions=patterns or None, alias=alias, cfg=cfg,
-                              thresholds=thresholds, offline=offline, progress=click.echo)
+        rows = validate_fleet(campaign, reference_dir, out, regions=patterns or None, alias=alias, cfg=cfg,
+                              thresholds=thresholds, offline=offline, progress=click.echo, family=family,
+                              attach=attach)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     failing = [r for r in rows if r["fails"]]
     for r in rows:
-        click.echo(f"  {r['region']:24s} {'FAIL: ' + '; '.join(r['fails']) if r['fails'] else 'ok'}")
+        click.echo(f"  {r['region']:24s} {r.get('family') or '':16s} {'FAIL: ' + '; '.join(r['fails']) if r['fails'] else 'ok'}")
     click.echo(f"{len(rows)} regions, {len(failing)} failing; summary: {out / 'summary.md'}")
     if failing:
         sys.exit(1)

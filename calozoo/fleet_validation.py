@@ -1,8 +1,8 @@
 """Validating a fleet of registered champions: the composition of the registry (pull by name) with
 the validation package (reports and the fleet table, ``validate.fleet``).
 
-:func:`validate_fleet` pulls ``CAMPAIGN.FAMILY.REGION@champion`` for every ``REGION.h5`` of a
-reference folder (held-out showers, e.g. a campaign simulated with another seed), generates showers
+:func:`validate_fleet` pulls ``CAMPAIGN.REGION@champion`` (whatever its family; ``CAMPAIGN.FAMILY.REGION``
+in a store of the former naming) for every ``REGION.h5`` of a reference folder (held-out showers, e.g. a campaign simulated with another seed), generates showers
 at the reference's incident energies with ONNX Runtime, writes ``OUT/REGION/`` (``validate.report``)
 and the summary ``OUT/summary.md`` and ``OUT/summary.csv`` (``validate.fleet.write_summary``). A
 region without a champion, or whose validation failed, fails the thresholds.
@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
+from registry.publish import attach_validation
 from registry.pull import RegistryError, pull, registered_name
 from showers.campaign import list_regions
 from showers.formats import source_label
@@ -22,13 +25,18 @@ from validate.report import ValidateConfig, read_sample, validate_samples
 __all__ = ["validate_fleet"]
 
 
-def validate_fleet(campaign: str, family: str, reference_dir, out_dir, *, regions=None, alias: str = "champion",
+def validate_fleet(campaign: str, reference_dir, out_dir, *, regions=None, alias: str = "champion",
                    cfg: ValidateConfig | None = None, thresholds=DEFAULT_THRESHOLDS, uri: str | None = None,
-                   offline: bool = False, seed: int = 0, progress=None) -> list[dict]:
-    """Validate every region's ``CAMPAIGN.FAMILY.REGION@alias`` against ``reference_dir/REGION.h5``.
+                   offline: bool = False, seed: int = 0, progress=None, family: str | None = None,
+                   attach: bool = False) -> list[dict]:
+    """Validate every region's ``CAMPAIGN.REGION@alias`` against ``reference_dir/REGION.h5``.
 
     regions: globs selecting regions (default: every file of ``reference_dir``).
-    Returns the summary rows (``validate.fleet.write_summary``).
+    family: read a store of the former naming, ``CAMPAIGN.FAMILY.REGION``.
+    attach: add each region's figures to the version validated (``registry.publish.attach_validation``),
+        beside the floor: the reference's two halves against each other, with the same configuration.
+    Returns the summary rows (``validate.fleet.write_summary``), each with the pulled model's ``name``,
+    ``version``, ``family`` and ``variant``.
     """
     for text in thresholds:
         parse_threshold(text)
@@ -37,7 +45,7 @@ def validate_fleet(campaign: str, family: str, reference_dir, out_dir, *, region
     rows = []
     names = list_regions(reference_dir, regions)
     for i, region in enumerate(names):
-        name = registered_name(campaign, family, region)
+        name = registered_name(campaign, region) if family is None else f"{campaign}.{family}.{region}"
         if progress:
             progress(f"[{i + 1}/{len(names)}] {name}@{alias}")
         try:
@@ -49,8 +57,16 @@ def validate_fleet(campaign: str, family: str, reference_dir, out_dir, *, region
             labels = (source_label(Path(reference_dir) / f"{region}.h5"), f"{name}@{alias}")
             m = validate_samples(e, showers, e, ref, readout, out / region, dataclasses.replace(cfg, labels=labels),
                                  title=f"{name} v{gen.version}",
-                                 names=(f"{name}@{alias} (v{gen.version})", f"{region}.h5"))
-            rows.append({"region": region, "model": m["generated"], **m["headline"]})
+                                 names=(f"{name}@{alias} (v{gen.version}, {gen.metadata.get('model')})", f"{region}.h5"))
+            rows.append({"region": region, "model": m["generated"], "name": name, "version": gen.version,
+                         "family": gen.metadata.get("family"), "variant": gen.metadata.get("model"), **m["headline"]})
+            if attach:
+                half = np.arange(len(e)) % 2 == 1
+                floor = validate_samples(e[~half], ref[~half], e[half], ref[half], readout, out / region / "floor",
+                                         dataclasses.replace(cfg, plots=False), title=f"{region}.h5 halves")["headline"]
+                attach_validation(name, gen.version, m["headline"], floor=floor, uri=uri,
+                                  reference=f"{len(e)} showers of {Path(reference_dir) / f'{region}.h5'}; the floor: "
+                                            "its two halves against each other, half the showers each")
         except (RegistryError, ValueError, OSError) as exc:
             rows.append({"region": region, "model": name, "error": str(exc).splitlines()[0]})
     return write_summary(rows, out, thresholds)

@@ -12,11 +12,13 @@
    in MLflow (a parent run and one run per region).
 4. **register**: for each region, the best checkpoint by the validation ``criterion`` (χ²/ndf of
    E_tot, the layer energies, centres and widths against held-out showers), exported to
-   ONNX, gated (ONNX Runtime equals torch within 1e-4) and registered as
-   ``CAMPAIGN.FAMILY.REGION``, ``@champion`` if it beats the current one.
+   ONNX, gated (ONNX Runtime against the torch model in float64, ``zoo.export.onnx_parity``) and
+   registered as ``CAMPAIGN.REGION`` with its validation summary, ``@champion`` if it beats the
+   current one whatever its family (``registry.publish.publish_many``: export and gate in parallel).
 5. **pull** one model back by name from the registry and **generate** showers (ONNX Runtime).
 6. **validate** them against the held-out reference (full report, logged to that region's training
-   run), and every region's champion (the fleet table, logged to the fleet's run).
+   run), and every region's champion (the fleet table, logged to the fleet's run, with which model won
+   each region); the figures go onto each champion's model version too, beside the reference's floor.
 
 Everything is logged to the embedded MLflow store of the output folder (``OUT/mlflow.db``) unless
 ``MLFLOW_TRACKING_URI`` says otherwise. :data:`SCALES` holds the full demo and the reduced path the
@@ -138,17 +140,19 @@ _HEADS = {"max_sep_power_etot_per_energy": "E_tot sep. power (worst energy)", "m
 
 
 def _threshold_table(rows: list[dict]) -> list[str]:
-    """The fleet table's thresholds beside each region's figures, as printed lines."""
+    """The fleet table's thresholds beside each region's figures, as printed lines; the champion column
+    names the version and model that won the region (among every family trained for it)."""
     from validate.fleet import DEFAULT_THRESHOLDS, parse_threshold
 
     limits = [parse_threshold(t) for t in DEFAULT_THRESHOLDS]
-    table = [["region", *(_HEADS.get(key, key) for key, _, _ in limits), "verdict"],
-             ["threshold", *(f"{op.replace('<=', '≤').replace('>=', '≥')} {v:g}" for _, op, v in limits), ""]]
+    table = [["region", "champion", *(_HEADS.get(key, key) for key, _, _ in limits), "verdict"],
+             ["threshold", "", *(f"{op.replace('<=', '≤').replace('>=', '≥')} {v:g}" for _, op, v in limits), ""]]
     for r in sorted(rows, key=lambda r: r["region"]):
-        table.append([r["region"], *(f"{r[key]:.3f}" if key in r else "–" for key, _, _ in limits),
+        champion = f"v{r['version']} {r['variant']}" if "version" in r else "none"
+        table.append([r["region"], champion, *(f"{r[key]:.3f}" if key in r else "–" for key, _, _ in limits),
                       "pass" if not r["fails"] else "FAIL"])
     widths = [max(len(row[j]) for row in table) for j in range(len(table[0]))]
-    return ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return ["  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip()
             for row in table]
 
 
@@ -170,7 +174,7 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
 
     from calozoo.fleet_validation import validate_fleet
     from calozoo.tracked import log_report, run_tracked_fleet, run_tracked_sweep
-    from registry.publish import publish
+    from registry.publish import attach_validation, publish_many
     from registry.pull import pull
     from registry.tracking import RUN_FILE, get_client
     from showers.campaign import CampaignSpec, run_campaign
@@ -241,13 +245,17 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
             raise RuntimeError(f"the fleet left {len(missing)} regions without a checkpoint: {', '.join(missing)}")
         echo(f"  trained in {summary['seconds']:.0f} s")
 
-        stage("register", "best checkpoint per region → ONNX → parity gate → MLflow registry (@champion)")
-        published = {}
+        stage("register", "best checkpoint per region → ONNX → parity gate → MLflow registry (CAMPAIGN.REGION@champion)")
+        pubs, failed = publish_many([fleet_dir / name for name in names], campaign=campaign, uri=uri,
+                                    workers=min(sc.workers, len(names)))
+        if failed:
+            raise RuntimeError(f"{len(failed)} regions not registered: " + "; ".join(failed.values()))
+        published = {p.name.split(".", 1)[1]: p for p in pubs}
         for name in names:
-            pub = publish(fleet_dir / name, campaign=campaign, region=name, uri=uri)
-            published[name] = pub
-            echo(f"  {pub.name} v{pub.version}: iteration {pub.iteration}, criterion {pub.metrics['criterion']:.3g}, "
-                 f"parity {pub.parity.get('max_rel_diff', float('nan')):.1e}" + (" → @champion" if pub.champion else ""))
+            pub = published[name]
+            echo(f"  {pub.name} v{pub.version} ({pub.model}): iteration {pub.iteration}, criterion "
+                 f"{pub.metrics['criterion']:.3g}, parity margin {pub.parity.get('margin', float('nan')):.3g}"
+                 + (" → @champion" if pub.champion else f"; {pub.decision}"))
 
         chosen = names[0]
         ref_name = f"{published[chosen].name}@champion"
@@ -266,8 +274,12 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
                                    title=f"{ref_name} vs held-out simulated showers",
                                    names=(f"{ref_name} (v{gen.version})", str(ref_dir / f"{chosen}.h5")),
                                    progress=lambda s: echo(f"  {s}"))
-        rows = validate_fleet(campaign, published[chosen].name.split(".")[1], ref_dir, out / "validation" / "fleet", uri=uri,
+        rows = validate_fleet(campaign, ref_dir, out / "validation" / "fleet", uri=uri, attach=True,
                               cfg=ValidateConfig(classifier="none", per_layer=False, plots=False, fpd_batches=5))
+        # the classifier's verdict on the pulled champion, on its model version beside the fleet table's figures
+        attach_validation(published[chosen].name, gen.version,
+                          {k: v for k, v in metrics["headline"].items() if k.startswith("auc_")},
+                          reference=f"classifier on {len(e_ref)} showers of {ref_dir / f'{chosen}.h5'}", uri=uri)
         # the report goes into the champion's training run, the fleet table into the fleet's run
         region_run = json.loads((fleet_dir / chosen / RUN_FILE).read_text())["run_id"]
         log_report(report_dir, run_id=region_run, uri=uri)

@@ -20,6 +20,7 @@ Tracking never stops training: what cannot be logged is kept in the run folder (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -27,6 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+from registry.publish import SPLIT_TAG
 from registry.tracking import PENDING, RUN_FILE, TrackedRun, get_client, get_experiment_id, quick_http
 from showers.formats import file_attrs, source_label
 from trainers.data import ShowerData
@@ -35,12 +39,13 @@ from trainers.loop import TrainConfig, TrainResult, train, validate
 from tune.sweep import (SweepConfig, SweepResult, check_resumable, load_config, resume_sweep, run_sweep, search_space,
                         trial_label)
 from validate.plots import plot_comparison
+from validate.report import ValidateConfig, validate_samples
 from zoo.base import ShowerModel, model_from_checkpoint
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 
-__all__ = ["MLflowFleetTracker", "MLflowSweepTracker", "best_tags", "log_report", "model_params",
-           "resume_tracked_sweep", "run_labels", "run_name", "run_tracked_fleet", "run_tracked_sweep", "train_tracked",
-           "validation_plot"]
+__all__ = ["MLflowFleetTracker", "MLflowSweepTracker", "best_tags", "heldout_validation", "log_report", "model_params",
+           "resume_tracked_sweep", "run_labels", "run_name", "run_tracked_fleet", "run_tracked_sweep", "selection_split",
+           "train_tracked"]
 
 
 def run_name(model: ShowerModel, region: str) -> str:
@@ -68,29 +73,74 @@ def best_tags(run_dir) -> dict:
             "best_chi2_ndf": f"{m['chi2_ndf']:.6g}", "best_sep_power": f"{m['sep_power']:.6g}"}
 
 
-def validation_plot(run_dir, val_data: ShowerData, title: str = "") -> Path | None:
-    """Draw the best checkpoint's showers against the validation showers (``plots/validation.png``)."""
+def selection_split(data: ShowerData) -> str:
+    """A fingerprint of held-out showers (their energies and voxels): two runs' best-epoch criteria are
+    comparable when they were measured on the same showers (``registry.publish``'s champion rule)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(data.energy, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(data.showers, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _halves(energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of two halves of showers, every incident energy split alike (alternately)."""
+    a, b = [], []
+    for e in np.unique(energy):
+        idx = np.flatnonzero(energy == e)
+        a.append(idx[0::2])
+        b.append(idx[1::2])
+    return np.concatenate(a), np.concatenate(b)
+
+
+def heldout_validation(run_dir, val_data: ShowerData, *, plots: bool = True, title: str = "") -> dict | None:
+    """The best checkpoint against the run's held-out (selection) showers, what registration shows on the
+    model version (``registry.publish``): the validation plot (``plots/validation.png``: mean profiles and
+    E_tot/E_inc) and ``validation/summary.json``, the figures of the fleet table with FPD and KPD
+    (``validate.report``, no classifier) of its showers against one half of the held-out showers, beside
+    the floor: the other half against the same half (equal sizes, so the floor is what these showers can
+    tell apart). None if there is no checkpoint, or too few showers to halve."""
     best = CheckpointManager(Path(run_dir) / "checkpoints").best()
     if best is None:
         return None
     model = model_from_checkpoint(load_checkpoint(Path(run_dir) / "checkpoints" / best["file"]))
     _, fake = validate(model, val_data)
     n = len(fake)
+    energy, showers = val_data.energy[:n], val_data.showers[:n]
     source = val_data.source.split(",")[0]
     reference = source_label(source) if Path(source).is_file() else "validation showers"
-    return plot_comparison(fake, val_data.energy[:n], val_data.showers[:n], val_data.energy[:n], val_data.readout,
-                           Path(run_dir) / "plots" / "validation.png", labels=(reference, model.variant),
-                           title=title or f"{model.variant}, iteration {best['iteration']}")
+    png = None
+    if plots:
+        png = plot_comparison(fake, energy, showers, energy, val_data.readout, Path(run_dir) / "plots" / "validation.png",
+                              labels=(reference, model.variant),
+                              title=title or f"{model.variant}, iteration {best['iteration']}")
+    a, b = _halves(energy)
+    if min(len(a), len(b)) < 10:
+        return None
+    out = Path(run_dir) / "validation"
+    cfg = ValidateConfig(classifier="none", per_layer=False, plots=False, fpd_batches=5)
+    figures = validate_samples(energy[b], fake[b], energy[b], showers[b], val_data.readout, out / "heldout", cfg,
+                               title=f"{model.variant} against held-out showers")["headline"]
+    floor = validate_samples(energy[a], showers[a], energy[b], showers[b], val_data.readout, out / "floor", cfg,
+                             title="held-out showers against themselves")["headline"]
+    summary = {"iteration": best["iteration"], "model": model.variant, "n": int(len(b)),
+               "reference": f"{len(b)} held-out showers of the selection split ({reference})",
+               "floor_reference": f"the other {len(a)} held-out showers against them",
+               "split": selection_split(val_data), "figures": figures, "floor": floor,
+               "plot": None if png is None else "plots/validation.png"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def _finish_trained(run: TrackedRun, run_dir, val_data: ShowerData, plots: bool = True) -> None:
-    """The end of a trained model's run: best-checkpoint tags, the checkpoints, the validation plot."""
-    run.set_tags(best_tags(run_dir))
+    """The end of a trained model's run: best-checkpoint tags and the selection split's fingerprint, the
+    checkpoints, the validation plot and summary (:func:`heldout_validation`)."""
+    run.set_tags({**best_tags(run_dir), SPLIT_TAG: selection_split(val_data)})
     run.log_artifact(Path(run_dir) / "checkpoints", "checkpoints")
-    if plots:
-        png = validation_plot(run_dir, val_data, title=f"{run.name} ({run.experiment})")
-        if png is not None:
-            run.log_artifact(png, "plots")
+    summary = heldout_validation(run_dir, val_data, plots=plots, title=f"{run.name} ({run.experiment})")
+    if summary is not None:
+        run.log_artifact(Path(run_dir) / "validation", "validation")
+        if summary["plot"]:
+            run.log_artifact(Path(run_dir) / summary["plot"], "plots")
     run.finish("FINISHED")
 
 

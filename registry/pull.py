@@ -37,13 +37,15 @@ class RegistryError(LookupError):
     """A registered model, version, alias or artifact that cannot be had; the message says what exists."""
 
 
-def registered_name(campaign: str, family: str, region: str) -> str:
-    """``{campaign}.{family}.{region}``, with anything but letters, digits, ``_`` and ``-`` made ``-``
-    (the name ``registry.publish`` registers a model under)."""
+def registered_name(campaign: str, region: str) -> str:
+    """``{campaign}.{region}``, with anything but letters, digits, ``_`` and ``-`` made ``-``: the name
+    ``registry.publish`` registers every family's models for a region under (the family is a tag of
+    each version). Stores of the former naming hold ``{campaign}.{family}.{region}``; they are read as
+    they are (:func:`pull`, :func:`list_models`)."""
     def clean(s):
         return re.sub(r"[^A-Za-z0-9_\-]+", "-", str(s)).strip("-") or "none"
 
-    return ".".join(clean(s) for s in (campaign, family, region))
+    return ".".join(clean(s) for s in (campaign, region))
 
 
 def cache_dir() -> Path:
@@ -68,7 +70,7 @@ def check_name(name: str) -> str:
         why = "no control characters, '/' or '\\'"
     else:
         return name
-    raise RegistryError(f"invalid model name {shown!r}: {why} (registered names are CAMPAIGN.FAMILY.REGION)")
+    raise RegistryError(f"invalid model name {shown!r}: {why} (registered names are CAMPAIGN.REGION)")
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -112,6 +114,21 @@ def _known_models(client) -> str:
     return ", ".join(names[:30]) + (f" ... ({len(names)} in all)" if len(names) > 30 else "")
 
 
+def _renamed(client, name: str) -> str:
+    """For a name of the former naming (CAMPAIGN.FAMILY.REGION) whose region is registered under
+    CAMPAIGN.REGION: where to find it now."""
+    parts = name.split(".")
+    if len(parts) != 3:
+        return ""
+    new = f"{parts[0]}.{parts[2]}"
+    try:
+        client.get_registered_model(new)
+    except Exception:  # noqa: BLE001 - no such model either: nothing to add
+        return ""
+    return (f" (models are registered per region now, every family's versions under one name: {new}@champion is "
+            f"the region's best; the {parts[1]} versions carry the tag family={parts[1]})")
+
+
 def _resolve(client, name: str, alias: str | None, version: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -119,7 +136,8 @@ def _resolve(client, name: str, alias: str | None, version: str | None) -> str:
         model = client.get_registered_model(name)
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
-            raise RegistryError(f"no registered model {name!r}; registered models: {_known_models(client)}") from None
+            raise RegistryError(f"no registered model {name!r}{_renamed(client, name)}; registered models: "
+                                f"{_known_models(client)}") from None
         raise
     if alias is not None:
         aliases = dict(getattr(model, "aliases", {}) or {})
@@ -249,9 +267,12 @@ def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=N
 
 
 def list_models(pattern: str | None = None, *, uri: str | None = None, timeout: float = 10.0) -> list[dict]:
-    """The registered models (names containing ``pattern``): [{"name", "versions", "champion",
-    "chi2_sum"}], sorted by name. A dead, refusing or hanging server gives a RegistryError naming the
-    tracking URI within about ``timeout`` seconds per request, not a traceback or a wait of minutes."""
+    """The registered models (names containing ``pattern``), sorted by name: [{"name", "versions", "champion"
+    (its version or None), "family" and "model" (the champion's), "metric" and "value" (what it won on:
+    ``val_criterion``, or ``val_chi2_sum`` for a champion registered before the criterion), "families" (of
+    all versions), "legacy" (a name of the former CAMPAIGN.FAMILY.REGION naming)}]. A dead, refusing or
+    hanging server gives a RegistryError naming the tracking URI within about ``timeout`` seconds per
+    request, not a traceback or a wait of minutes."""
     client = get_client(uri)
     try:
         with quick_http(retries=0, timeout=timeout):
@@ -262,9 +283,15 @@ def list_models(pattern: str | None = None, *, uri: str | None = None, timeout: 
                     continue
                 versions = client.search_model_versions(f"name = '{m.name}'")
                 champ = dict(getattr(m, "aliases", {}) or {}).get("champion")
-                metric = next((v.tags.get("val_chi2_sum") for v in versions if str(v.version) == str(champ)), None)
-                rows.append({"name": m.name, "versions": len(versions), "champion": champ,
-                             "chi2_sum": None if metric is None else float(metric)})
+                tags = next((v.tags for v in versions if str(v.version) == str(champ)), {})
+                metric = next((k for k in ("val_criterion", "val_chi2_sum") if k in tags), None)
+                legacy = len(m.name.split(".")) == 3
+                family = tags.get("family") or (m.name.split(".")[1] if legacy and champ else None)
+                rows.append({"name": m.name, "versions": len(versions), "champion": champ, "family": family,
+                             "model": tags.get("model"), "metric": metric and metric[len("val_"):],
+                             "value": None if metric is None else float(tags[metric]),
+                             "families": sorted({v.tags.get("family") for v in versions if v.tags.get("family")}),
+                             "legacy": legacy})
     except Exception as exc:  # noqa: BLE001 - connection refused, timeout, HTTP errors, a broken store
         raise RegistryError(f"cannot list the registered models at {tracking_uri(uri)}: {_first_line(exc)}") from None
     return rows

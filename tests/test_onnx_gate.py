@@ -14,22 +14,26 @@ flagship's logits above -15). Readouts are shrunk where the variant's own would 
 
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 import calozoo.tracked
 from calozoo.tracked import train_tracked
-from registry.publish import publish
+from registry.publish import ParityError, parity_gate, publish
 from showers.readout import Readout
 from trainers.data import ShowerData
 from trainers.loop import TrainConfig
 from zoo import create_model, list_models
 from zoo.base import log1p, one_minus_exp_neg, sigmoid
 from zoo.checkpoint import CheckpointManager, load_checkpoint
-from zoo.export import onnx_session, relative_difference
+from zoo.export import export_like, export_onnx, graph_key, onnx_parity, onnx_session, relative_difference
 from .conftest import mlflow_store
+
+FIXTURE = Path(__file__).parent / "fixtures" / "g4_pbwo4_electrons_reduced.h5"
 
 SMALL_READOUT = Readout.regular("gate-small", 5, 4, [0.0, 5.0, 10.0, 20.0, 40.0], 8.903).to_dict()  # 80 voxels
 AR_READOUT = Readout.regular("gate-ar", 3, 4, [0.0, 5.0, 10.0, 20.0], 8.903).to_dict()  # 3 unrolled layers
@@ -103,6 +107,158 @@ def test_the_gate_sees_voxels_far_below_the_shower_and_not_rounding():
     assert relative_difference(tiny, ref) < 1e-4
 
 
+# -- the gate refuses wrong graphs ------------------------------------------------------------------------------
+TRAINED = {"energy_mev": [2048.0, 131072.0]}  # the range of _data below
+
+
+def _tampered(path, out, name_part: str, factor: float):
+    """A copy of the ONNX file ``path`` with the initializer whose name contains ``name_part`` scaled by ``factor``."""
+    proto = onnx.load(str(path))
+    init = next(i for i in proto.graph.initializer if name_part in i.name)
+    value = onnx.numpy_helper.to_array(init) * np.asarray(factor, dtype=onnx.numpy_helper.to_array(init).dtype)
+    init.CopyFrom(onnx.numpy_helper.from_array(value, init.name))
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_an_inaccurate_kernel_is_refused(tmp_path, monkeypatch):
+    """par04_vae_ds2 with trained-like logits (-30 .. -5) exported with torch.sigmoid, i.e. ONNX's Sigmoid,
+    which ONNX Runtime computes wrongly below about -8 (zoo.base): refused; the model as written passes."""
+    import zoo.par04_vae
+
+    torch.manual_seed(0)
+    model = create_model("par04_vae_ds2", **GATE["par04_vae_ds2"]).eval()
+    state = {"model": model.state_dict()}
+    _age("par04_vae", state, model.n_voxels)
+    model.load_state_dict(state["model"])
+    assert parity_gate(model, export_onnx(model, tmp_path / "good.onnx"), TRAINED)["ok"]
+    monkeypatch.setattr(zoo.par04_vae, "sigmoid", torch.sigmoid)  # torch's own stays exact: the arbiter too
+    with pytest.raises(ParityError, match="differs from the float64 torch model"):
+        parity_gate(model, export_onnx(model, tmp_path / "sigmoid.onnx"), TRAINED)
+
+
+def test_a_changed_op_is_refused(tmp_path):
+    """FastCaloGAN's graph with one Relu made a LeakyRelu (negative activations leak 1 %): refused."""
+    torch.manual_seed(0)
+    model = create_model("fastcalogan", **GATE["fastcalogan"]).eval()
+    path = export_onnx(model, tmp_path / "gan.onnx")
+    assert parity_gate(model, path, TRAINED)["ok"]
+    proto = onnx.load(str(path))
+    next(n for n in proto.graph.node if n.op_type == "Relu").op_type = "LeakyRelu"
+    onnx.save(proto, str(tmp_path / "leaky.onnx"))
+    with pytest.raises(ParityError, match="differs from the float64 torch model"):
+        parity_gate(model, tmp_path / "leaky.onnx", TRAINED)
+    # a NaN is no difference at all to a comparison: non-finite voxels are refused as such
+    nan = _tampered(path, tmp_path / "nan.onnx", "layers.3.bias", float("nan"))
+    with pytest.raises(ParityError, match="non-finite voxel energies"):
+        parity_gate(model, nan, TRAINED)
+
+
+def test_threshold_edge_voxels_are_left_out_counted_and_bounded(tmp_path, monkeypatch):
+    """A hit just above the threshold in one runtime and zeroed in the other: flow matching's threshold is put
+    just under one voxel's float64 value and the exported graph's just above it. The flip is left out and
+    counted (its layer compared on the other voxels' shares), and at most MAX_EDGE_FRACTION of the voxels may
+    be; a threshold moved by more than EDGE_RTOL flips voxels that are not at its edge: refused."""
+    import zoo.export
+
+    torch.manual_seed(0)
+    model = create_model("flow_matching", **GATE["flow_matching"]).eval()
+    data = _data(model)
+    model.fit_data(data.energy, data.showers)
+    energies = np.geomspace(2048.0, 131072.0, 16)
+    noise = torch.randn(len(energies), model.noise_dim, generator=torch.Generator().manual_seed(0))  # onnx_parity's
+    cond = model.encode_conditions(energies).double()
+    with torch.no_grad():  # the values the threshold is compared with, in float64
+        values = model.double().generate(noise.double(), cond, torch.zeros((), dtype=torch.float64)).numpy()
+    model.float()
+    hits = np.sort(values[values > 0].ravel())
+    edge = float(hits[len(hits) // 20])  # a small hit, with others above and below it
+    model.hit_threshold.fill_(edge * (1 - 2e-4))
+    path = export_onnx(model, tmp_path / "fm.onnx")
+    assert onnx_parity(model, path, energies)["edge_voxels"] == 0
+
+    flipped = _tampered(path, tmp_path / "edge.onnx", "hit_threshold", (1 + 2e-4) / (1 - 2e-4))
+    parity = onnx_parity(model, flipped, energies)
+    assert parity["ok"] and 1 <= parity["edge_voxels"] <= parity["max_edge_voxels"], parity
+    monkeypatch.setattr(zoo.export, "MAX_EDGE_FRACTION", 0.0)
+    parity = onnx_parity(model, flipped, energies)
+    assert not parity["ok"] and parity["edge_voxels"] > parity["max_edge_voxels"] == 0
+    monkeypatch.undo()
+
+    moved = _tampered(path, tmp_path / "moved.onnx", "hit_threshold", 2.0)
+    parity = onnx_parity(model, moved, energies)
+    assert not parity["ok"] and parity["margin"] < 1e-2, parity
+
+
+def test_a_graph_reused_with_another_regions_weights_equals_its_own_export(tmp_path):
+    """export_like: a fleet region's tensors in another region's exported graph of the same structure give
+    the same ONNX Runtime output as the region's own export; a model of another structure is refused."""
+    from showers.detector import get_detector
+    from zoo.fastcalogan import for_region
+
+    det = get_detector("atlas-like")
+    a, b = (for_region(det.region(r), n_critic=2, critic_widths=(32, 16)).eval()
+            for r in ("photon_eta_020_025", "photon_eta_025_030"))
+    assert a.n_voxels == b.n_voxels and graph_key(a) == graph_key(b)
+    template = export_onnx(a, tmp_path / "a.onnx")
+    reused = export_like(b, template, tmp_path / "b-reused.onnx", {"region": "b"})
+    own = export_onnx(b, tmp_path / "b.onnx")
+    assert parity_gate(b, reused, TRAINED)["ok"]
+    feed = {"noise": np.random.default_rng(0).standard_normal((8, b.noise_dim), dtype=np.float32),
+            "conditions": b.encode_conditions(np.geomspace(2048.0, 131072.0, 8)).numpy()}
+    np.testing.assert_array_equal(onnx_session(reused).run(None, feed)[0], onnx_session(own).run(None, feed)[0])
+    assert {p.key: p.value for p in onnx.load(str(reused)).metadata_props} == {"region": "b"}
+    other = for_region(det.region("photon_eta_350_355"), n_critic=2, critic_widths=(32, 16))
+    assert graph_key(other) != graph_key(a) and export_like(other, template, tmp_path / "x.onnx") is None
+
+
+# -- a flagship trained as long as the README's recipe ----------------------------------------------------------
+#: the Frobenius norms of flow_matching_pbwo4's velocity-MLP weight matrices in the README's recipe (the full
+#: Geant4 file, the quality table's schedule) at 500 iterations, where the former gate already refused its
+#: checkpoint (2.1e-4 against torch); the norms go on growing (by 20-90 % at 3000 iterations), but the weights
+#: of a short training scaled that far make torch's own float32 output overflow: a short training's weights
+#: are not a long one's, so the stand-in takes these norms raised by STANDIN_SCALE
+RECIPE_NORMS_500 = {"energy_net.net.0.weight": 12.26, "energy_net.net.2.weight": 14.02, "energy_net.net.4.weight": 13.72,
+                    "energy_net.net.6.weight": 10.71, "shape_net.net.0.weight": 18.30, "shape_net.net.2.weight": 19.38,
+                    "shape_net.net.4.weight": 14.12, "shape_net.net.6.weight": 9.51}
+STANDIN_SCALE = 1.1
+
+
+def test_a_deep_trained_flagship_passes_and_a_wrong_one_is_refused(tmp_path):
+    """The README's flagship (flow_matching_pbwo4 as its quality table trains it: 6 + 12 unrolled steps,
+    renormalised, bounded and thresholded) made numerically like a long-trained one in a minute: 100
+    iterations on the Geant4 fixture through the training loop (at a constant learning rate), then every
+    weight matrix of its velocity fields scaled to the recipe's trained norms (RECIPE_NORMS_500), which
+    sharpens the fields as training does. ONNX Runtime then differs from torch's float32 output by more
+    than the former fixed limit of 1e-4 (2.5e-4 here; the recipe's 18000 iterations read 2.2e-4), the
+    failure of the README's recipe at full length, yet it is no farther from the float64 model than
+    torch's own float32 runs allow: the gate passes it. The same graph with one weight matrix 0.1 % off
+    is refused."""
+    from trainers.data import load_showers
+    from trainers.loop import train
+    from zoo import model_from_checkpoint
+
+    data = load_showers(FIXTURE)
+    torch.manual_seed(0)
+    cfg = TrainConfig(iterations=100, checkpoint_every=100, seed=0, progress=False, n_val_max=90)
+    train(create_model("flow_matching_pbwo4", lr_schedule="constant"), data,
+          data.subset(np.arange(0, len(data), 10)), cfg, tmp_path / "run")
+    best = CheckpointManager(tmp_path / "run" / "checkpoints").best()
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / best["file"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in RECIPE_NORMS_500:
+                p.mul_(STANDIN_SCALE * RECIPE_NORMS_500[name] / p.norm())
+    trained = {"energy_mev": [float(data.energy.min()), float(data.energy.max())]}
+    path = export_onnx(model, tmp_path / "flagship.onnx")
+    parity = parity_gate(model, path, trained)
+    assert parity["max_rel_diff"] > 1e-4, parity  # the former gate: "differs from torch by ... (limit 0.0001)"
+    assert parity["ok"] and parity["margin"] >= 1.0, parity
+    wrong = _tampered(path, tmp_path / "wrong.onnx", "shape_net.net.4.weight", 1.001)
+    with pytest.raises(ParityError, match="differs from the float64 torch model"):
+        parity_gate(model, wrong, trained)
+
+
 # -- every variant, trained, through the gate into the registry ------------------------------------------------
 def _data(model, seed: int = 0) -> ShowerData:
     """Shower-like: a longitudinal gamma profile and an exponential radial one, cut to zero beyond a depth
@@ -151,8 +307,8 @@ def store(tmp_path_factory):
         root = tmp_path_factory.mktemp("gate")
         mp.setenv("CALOZOO_CACHE", str(root / "cache"))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        # the validation plot is another test's business (test_registry); it costs seconds per run here
-        mp.setattr(calozoo.tracked, "validation_plot", lambda *a, **k: None)
+        # the validation plot and summary are another test's business (test_registry); they cost seconds per run here
+        mp.setattr(calozoo.tracked, "heldout_validation", lambda *a, **k: None)
         yield mlflow_store(root / "mlflow.db"), root
 
 
@@ -186,4 +342,4 @@ def test_trained_variant_passes_the_gate_and_registers(name, store):
 
     pub = publish(run_dir, uri=uri)
     assert pub.version == "1" and pub.champion and pub.iteration == best["iteration"]
-    assert pub.parity["ok"] and pub.parity["max_rel_diff"] <= 1e-4, pub.parity
+    assert pub.parity["ok"] and pub.parity["margin"] >= 1.0, pub.parity

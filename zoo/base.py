@@ -196,6 +196,13 @@ class ShowerModel(nn.Module):
         """The inference graph: (noise (N, noise_dim), conditions (N, n_cond)) → MeV (N, n_voxels)."""
         raise NotImplementedError
 
+    def threshold_edges(self, noise: torch.Tensor, conditions: torch.Tensor, rel: float) -> torch.Tensor | None:
+        """(N, n_voxels) bool: the voxels that a fixed threshold of the graph keeps or zeroes depending on a
+        value within the fraction ``rel`` of it (two correct runtimes may round such a value to either side;
+        the ONNX parity gate, ``zoo.export.onnx_parity``, leaves them out and counts them). None: the graph
+        has no such threshold."""
+        return None
+
     def training_noise(self, step: str, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """The random numbers the loss of ``step`` reads from its batch: {name: (shape, kind)}, kind in
         NOISE_KINDS. step: "loss" (likelihood models), "critic" or "generator" (adversarial models)."""

@@ -500,12 +500,24 @@ class FlowMatching(ShowerModel):
             x = x + h * v
         return x
 
-    def generate(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """noise (N, n_energy + n_voxels) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) MeV."""
+    def generate(self, noise: torch.Tensor, conditions: torch.Tensor, threshold: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """noise (N, n_energy + n_voxels) ~ N(0, 1), conditions (N, n_cond) → voxel energies (N, n_voxels) MeV;
+        ``threshold``: the hit threshold in MeV (default the fitted ``hit_threshold``; :meth:`threshold_edges`)."""
         y = self._layer_energies(noise, conditions)
         z = self._integrate(self._shape_velocity, noise[:, self.n_energy:], self._shape_inputs(y, conditions),
                             self.config.n_steps, self.config.solver)
-        return self._to_voxels(y, z, conditions)
+        return self._to_voxels(y, z, conditions, self.hit_threshold if threshold is None else threshold)
+
+    def threshold_edges(self, noise: torch.Tensor, conditions: torch.Tensor, rel: float) -> torch.Tensor | None:
+        """(N, n_voxels) bool: the voxels that the hit threshold keeps when lowered by the fraction ``rel`` and
+        zeroes when raised by it (their value before it lies within ``rel`` of it), and those of a layer
+        whose keep-everything rule turns on such a voxel; None without a threshold."""
+        if not float(self.hit_threshold) > 0:
+            return None
+        low = self.generate(noise, conditions, self.hit_threshold * (1.0 - rel))
+        high = self.generate(noise, conditions, self.hit_threshold * (1.0 + rel))
+        return (low > 0) != (high > 0)
 
     def _layer_energies(self, noise: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """The energy model's standardised y (B, n_energy) from its part of the noise."""
@@ -513,8 +525,10 @@ class FlowMatching(ShowerModel):
         return self._integrate(self.energy_net, noise[:, :self.n_energy], conditions,
                                cfg.energy_n_steps or cfg.n_steps, cfg.energy_solver or cfg.solver)
 
-    def _to_voxels(self, y: torch.Tensor, z: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """The inverse of the representation: standardised y (B, n_energy) and z (B, n_voxels) → MeV."""
+    def _to_voxels(self, y: torch.Tensor, z: torch.Tensor, conditions: torch.Tensor,
+                   threshold: torch.Tensor) -> torch.Tensor:
+        """The inverse of the representation: standardised y (B, n_energy) and z (B, n_voxels) → MeV, hits
+        below ``threshold`` MeV zeroed."""
         cfg = self.config
         energy = self.energy_from_conditions(conditions).reshape(-1, 1)
         y_mean, y_std, z_mean, z_std = self._tables(conditions)
@@ -535,7 +549,7 @@ class FlowMatching(ShowerModel):
         # hits below the smallest the training data has (``hit_quantile``) are what the smeared floor
         # leaves: empty; the layer's other voxels take their energy, so the layer energies stay as drawn
         # (a layer with no voxel above the threshold keeps its voxels)
-        kept = (voxels > self.hit_threshold).to(voxels.dtype)
+        kept = (voxels > threshold).to(voxels.dtype)
         kept = torch.maximum(kept, ((kept @ self.layer_matrix) == 0).to(voxels.dtype) @ self.layer_matrix.T)  # not a whole layer
         voxels = voxels * kept
         return voxels * ((layers / (voxels @ self.layer_matrix).clamp_min(1e-12)) @ self.layer_matrix.T)
