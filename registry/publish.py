@@ -42,8 +42,6 @@ registration under the region's name, what the version shows, and the ``champion
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import math
@@ -381,15 +379,16 @@ def _prepare(job: _Job, graphs: _Graphs | None = None) -> dict:
             "describe": f"(noise, conditions) -> {model.n_voxels} voxel energies in MeV ({model.readout.name})"}
 
 
-def _prepare_many(jobs: list[_Job]) -> list[dict | str]:
-    """_prepare for jobs of one worker, sharing its graphs; a refused job gives its one-line reason."""
-    graphs, out = _Graphs(), []
-    for job in jobs:
-        try:
-            out.append(_prepare(job, graphs))
-        except (ParityError, ValueError, RuntimeError, OSError) as exc:
-            out.append(str(exc).splitlines()[0])
-    return out
+#: this process's exported graphs (a registration pool's worker keeps its own across its jobs)
+_GRAPHS = _Graphs()
+
+
+def _prepare_one(job: _Job) -> dict | str:
+    """_prepare with this process's graphs; a refused job gives its one-line reason."""
+    try:
+        return _prepare(job, _GRAPHS)
+    except (ParityError, ValueError, RuntimeError, OSError) as exc:
+        return str(exc).splitlines()[0]
 
 
 def _signature(prepared: dict):
@@ -412,75 +411,76 @@ def _summary(job: _Job) -> dict | None:
 
 
 def _register(client, uri: str, job: _Job, prepared: dict) -> Publication:
-    """The MLflow side: log the ONNX model with its signature into the run, register it under the region's
-    name with its tags, what the version shows, and the champion decision."""
+    """The MLflow side, in as few calls as it takes: the champion decision (against the version that holds
+    the alias now), the ONNX model with its signature and the validation plot logged into the run (the
+    run's metrics at the registered iteration go onto the logged model, with the held-out figures), then
+    the version under the region's name with its tags and description, then the alias if it won."""
     import mlflow
     import mlflow.onnx
     import onnx
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parity, best, metrics = prepared["parity"], job.best, job.best["metrics"]
     summary = _summary(job)
-    meta = prepared["meta"]
-    with fluent_uri(uri):
-        with mlflow.start_run(run_id=job.run_id):
-            info_model = mlflow.onnx.log_model(
-                onnx.load(prepared["onnx_path"]), name="generator", save_as_external_data=False,
-                onnx_execution_providers=["CPUExecutionProvider"], signature=_signature(prepared),
-                # what the graph needs is known (onnx, onnxruntime): MLflow's inference of it runs a
-                # subprocess that imports the model's modules, 10-15 s per registration on a CPU
-                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-                metadata={k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in meta.items()})
-            mlflow.set_tags({"registered_as": job.name, "parity_margin": _figure(parity["margin"])})
-        plot = Path(job.run_dir) / summary["plot"] if summary and summary.get("plot") else None
-        if plot is not None and plot.exists():
-            client.log_model_artifact(info_model.model_id, str(plot), "validation")
-        if summary:
-            ts = int(time.time() * 1000)
-            figures = {f"heldout_{k}": v for k, v in summary["figures"].items() if k in FIGURES}
-            figures.update({f"heldout_floor_{k}": v for k, v in (summary.get("floor") or {}).items() if k in FIGURES})
-            client.log_batch(job.run_id, metrics=[Metric(k, float(v), ts, best["iteration"], model_id=info_model.model_id)
-                                                  for k, v in figures.items() if math.isfinite(float(v))])
-        try:
-            client.get_registered_model(job.name)
-        except Exception:
-            client.create_registered_model(
-                job.name, tags={"campaign": job.campaign, "region": job.region},
-                description=f"calozoo generators for region {job.region} of campaign {job.campaign}: (noise, "
-                            f"conditions) -> voxel energies in MeV. Every family's versions for the region compete: "
-                            f"@{ALIAS} is the one with the smallest {CHAMPION_METRIC} on the held-out selection showers "
-                            "(see each version's champion_decision).")
-        tags = {"family": prepared["family"], "model": prepared["model"], "readout": prepared["readout"],
-                "config": json.dumps(prepared["config"], sort_keys=True, default=str)[:4900],
-                "iteration": str(best["iteration"]), f"val_{CHAMPION_METRIC}": f"{metrics[CHAMPION_METRIC]:.9g}",
-                f"val_{LEGACY_METRIC}": f"{metrics[LEGACY_METRIC]:.9g}",
-                "val_chi2_ndf": f"{metrics['chi2_ndf']:.6g}", "val_sep_power": f"{metrics['sep_power']:.6g}",
-                "parity_margin": _figure(parity["margin"]), "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
-                "parity_edge_voxels": str(parity["edge_voxels"]), "calozoo_version": __version__}
-        if f"{CHAMPION_METRIC}_error" in metrics:
-            tags[f"val_{CHAMPION_METRIC}_error"] = f"{metrics[CHAMPION_METRIC + '_error']:.3g}"
-        if job.split:
-            tags[SPLIT_TAG] = job.split
-        if summary:
-            tags.update(_validation_tags("heldout", summary["figures"], summary.get("floor")))
-        chatter = io.StringIO()  # MLflow prints "already exists. Creating a new version" (we created it just above)
-        with contextlib.redirect_stderr(chatter):
-            version = mlflow.register_model(info_model.model_uri, job.name, tags=tags)
-        log.debug("mlflow.register_model: %s", chatter.getvalue().strip())
-
+    plot = Path(job.run_dir) / summary["plot"] if summary and summary.get("plot") else None
+    plot = plot if plot is not None and plot.exists() else None
     champ = _current_champion(client, job.name)
     crowned, decision = _decide(champ, metrics, job.split)
+    # in the run (as its active run: the logged model belongs to the run's experiment)
+    with fluent_uri(uri), mlflow.start_run(run_id=job.run_id):
+        info_model = mlflow.onnx.log_model(
+            onnx.load(prepared["onnx_path"]), name="generator", step=best["iteration"],
+            save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+            signature=_signature(prepared), extra_files=[str(plot)] if plot else None,
+            # what the graph needs is known (onnx, onnxruntime): MLflow's inference of it runs a
+            # subprocess that imports the model's modules, 10-15 s per registration on a CPU
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+            metadata={k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in prepared["meta"].items()})
+    figures = {}
+    if summary:
+        figures = {f"heldout_{k}": v for k, v in summary["figures"].items() if k in FIGURES}
+        figures.update({f"heldout_floor_{k}": v for k, v in (summary.get("floor") or {}).items() if k in FIGURES})
+    ts = int(time.time() * 1000)
+    client.log_batch(job.run_id, metrics=[Metric(k, float(v), ts, best["iteration"], model_id=info_model.model_id)
+                                          for k, v in figures.items() if math.isfinite(float(v))],
+                     tags=[RunTag("registered_as", job.name), RunTag("parity_margin", _figure(parity["margin"]))])
+    try:
+        client.get_registered_model(job.name)
+    except Exception:  # noqa: BLE001 - not there yet (MLflow's RESOURCE_DOES_NOT_EXIST)
+        client.create_registered_model(
+            job.name, tags={"campaign": job.campaign, "region": job.region},
+            description=f"calozoo generators for region {job.region} of campaign {job.campaign}: (noise, "
+                        f"conditions) -> voxel energies in MeV. Every family's versions for the region compete: "
+                        f"@{ALIAS} is the one with the smallest {CHAMPION_METRIC} on the held-out selection showers "
+                        "(see each version's champion_decision).")
+    tags = {"family": prepared["family"], "model": prepared["model"], "readout": prepared["readout"],
+            "config": json.dumps(prepared["config"], sort_keys=True, default=str)[:4900],
+            "iteration": str(best["iteration"]), f"val_{CHAMPION_METRIC}": f"{metrics[CHAMPION_METRIC]:.9g}",
+            f"val_{LEGACY_METRIC}": f"{metrics[LEGACY_METRIC]:.9g}",
+            "val_chi2_ndf": f"{metrics['chi2_ndf']:.6g}", "val_sep_power": f"{metrics['sep_power']:.6g}",
+            "parity_margin": _figure(parity["margin"]), "parity_max_rel_diff": f"{parity['max_rel_diff']:.3g}",
+            "parity_edge_voxels": str(parity["edge_voxels"]), "champion_decision": decision,
+            "calozoo_version": __version__}
+    if f"{CHAMPION_METRIC}_error" in metrics:
+        tags[f"val_{CHAMPION_METRIC}_error"] = f"{metrics[CHAMPION_METRIC + '_error']:.3g}"
+    if job.split:
+        tags[SPLIT_TAG] = job.split
+    if summary:
+        tags.update(_validation_tags("heldout", summary["figures"], summary.get("floor")))
+    pub = Publication(job.name, "", crowned, decision, best["iteration"], metrics, Path(prepared["onnx_path"]),
+                      parity, family=prepared["family"], model=prepared["model"], export=prepared["export"])
+    # the plot among the version's own files (the logged model's extra_files), as the UI fetches them
+    plot_url = (f"ajax-api/2.0/mlflow/logged-models/{info_model.model_id}/artifacts/files?"
+                f"artifact_file_path=extra_files/{plot.name}" if plot else None)
+    with fluent_uri(uri):  # the registry reads the logged model's MLmodel through the fluent tracking URI
+        version = client.create_model_version(
+            job.name, info_model.model_uri, run_id=job.run_id, tags=tags, model_id=info_model.model_id,
+            description=_description(pub, prepared["describe"], metrics, summary, parity, plot_url))
+    pub.version = str(version.version)
     if crowned:
-        client.set_registered_model_alias(job.name, ALIAS, version.version)
-    client.set_model_version_tag(job.name, version.version, "champion_decision", decision)
-    pub = Publication(job.name, str(version.version), crowned, decision, best["iteration"], metrics,
-                      Path(prepared["onnx_path"]), parity, family=prepared["family"], model=prepared["model"],
-                      export=prepared["export"])
-    plot_url = (f"model-versions/get-artifact?name={job.name}&version={version.version}&path=validation/{plot.name}"
-                if plot is not None and plot.exists() else None)
-    client.update_model_version(job.name, version.version,
-                                description=_description(pub, prepared["describe"], metrics, summary, parity, plot_url))
-    log.info("%s v%s: %s", job.name, version.version, decision)
+        client.set_registered_model_alias(job.name, ALIAS, pub.version)
+    log.info("%s v%s: %s", job.name, pub.version, decision)
     return pub
 
 
@@ -505,11 +505,11 @@ def publish(run_dir, *, campaign: str | None = None, region: str | None = None, 
 def publish_many(run_dirs, *, campaign: str | None = None, uri: str | None = None, workers: int = 1,
                  rtol: float = PARITY_RTOL, factor: float = ARBITER_FACTOR,
                  progress=None) -> tuple[list[Publication], dict[str, str]]:
-    """:func:`publish` for many runs (a fleet's regions, each under its own region's name): the export and the
-    gate of the runs in ``workers`` processes (those of one graph structure together, reusing their graph:
-    ``_Graphs``), then the MLflow calls in this process, one run after another (one writer for a local
-    store). The same checks per run as :func:`publish`. Returns (the publications, {run folder: why it was
-    not registered}); ``progress(text)`` is called per run."""
+    """:func:`publish` for many runs (a fleet's regions, each under its own region's name), with the same
+    checks per run: the export and the gate in ``workers`` processes (those of one graph structure after
+    one another, so that each worker reuses its graph: ``_Graphs``) while this process makes the MLflow
+    calls of the runs already prepared, one run after another (one writer for a local store). Returns
+    (the publications, {run folder: why it was not registered}); ``progress(text)`` is called per run."""
     run_dirs = [Path(d) for d in run_dirs]
     uri = tracking_uri(uri)
     client = get_client(uri)
@@ -521,8 +521,8 @@ def publish_many(run_dirs, *, campaign: str | None = None, uri: str | None = Non
             failed[str(d)] = str(exc).splitlines()[0]
             continue
         (pubs if isinstance(job, Publication) else jobs).append(job)
-    prepared = _prepare_in_pool(jobs, workers)
-    for job, result in zip(jobs, prepared):
+    jobs.sort(key=lambda j: (_structure_hint(j), j.run_dir))
+    for job, result in zip(jobs, _prepared(jobs, workers)):
         if isinstance(result, str):
             failed[job.run_dir] = result
             if progress:
@@ -537,29 +537,26 @@ def publish_many(run_dirs, *, campaign: str | None = None, uri: str | None = Non
     return pubs, failed
 
 
-def _prepare_in_pool(jobs: list[_Job], workers: int) -> list[dict | str]:
-    """_prepare_many over ``workers`` processes: the jobs sorted by graph structure (the model's variant
-    and voxel count, from the run's model.json, stand for it here) and cut into contiguous shares, so that a
-    structure's jobs mostly share a worker's graphs; in the order of ``jobs``."""
+def _prepared(jobs: list[_Job], workers: int):
+    """_prepare_one of each job, in order, as they come: in this process, or in a pool of ``workers``
+    processes, one job a task (a worker then gets every other job of a structure, and reuses its graph
+    from its third on)."""
     workers = max(1, min(int(workers), len(jobs)))
     if workers == 1:
-        return _prepare_many(jobs)
+        yield from map(_prepare_one, jobs)
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    order = sorted(range(len(jobs)), key=lambda i: (_structure_hint(jobs[i]), jobs[i].run_dir))
-    shares = [order[k * len(order) // workers:(k + 1) * len(order) // workers] for k in range(workers)]
-    out: list = [None] * len(jobs)
     # spawn: a fork of a process that runs torch or MLflow threads may deadlock
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init) as pool:
-        for share, results in zip(shares, pool.map(_prepare_many, [[jobs[i] for i in s] for s in shares])):
-            for i, r in zip(share, results):
-                out[i] = r
-    return out
+        yield from pool.map(_prepare_one, jobs)
 
 
 def _structure_hint(job: _Job) -> str:
+    """The run's variant and voxel count (its model.json), which stand for its graph structure in the order of
+    the jobs."""
     meta = Path(job.run_dir) / "model.json"
     if meta.exists():
         d = json.loads(meta.read_text())

@@ -5,6 +5,7 @@ of the work, with a real local Ray, a real MLflow store and real ONNX Runtime se
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import mlflow
@@ -43,12 +44,16 @@ def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
     # the sweep's winner configured the fleet
     fleet = json.loads((out / "fleet" / "fleet.json").read_text())
     assert fleet["config"]["overrides"] == {k: v for k, v in result["sweep_best"].items()}
-    # every region registered, each version @champion
+    # every region registered under its own name, each version @champion, the table saying which model won
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     for region in result["regions"]:
-        mv = client.get_model_version_by_alias(f"calozoo-demo.par04_vae.{region}", "champion")
-        assert str(mv.version) == "1"
-    assert result["champion"] == f"calozoo-demo.par04_vae.{chosen}@champion"
+        mv = client.get_model_version_by_alias(f"calozoo-demo.{region}", "champion")
+        assert str(mv.version) == "1" and mv.tags["family"] == "par04_vae"
+        assert re.search(rf"{region}\s+v1 par04_vae_region\s+\d", r.output), r.output
+        # the fleet table's figures against the held-out reference, beside its floor, on the version
+        assert float(mv.tags["report.max_long_rel"]) >= 0 and float(mv.tags["report.floor.max_long_rel"]) >= 0
+    assert result["champion"] == f"calozoo-demo.{chosen}@champion"
+    assert 0.0 <= float(client.get_model_version(f"calozoo-demo.{chosen}", "1").tags["report.auc_low"]) <= 1.0
     # the validation report of the pulled model, and the fleet table
     report = out / "validation" / chosen
     for name in ("report.md", "metrics.json", "profiles.png", "features_etot_einc.png"):

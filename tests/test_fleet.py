@@ -1,7 +1,7 @@
 """The fleet on a real Ray runtime: a 2-worker fleet of a few regions on a simulated cluster, with the
 node of one worker removed mid-run (every region finishes, and the lost worker's regions resumed from
 their checkpoints instead of restarting), tracked in MLflow; a fleet of FAST.AR models on a local
-Ray, which trains as a bank like every family."""
+Ray, which trains as a bank like every family; a fleet's registration, exported and gated in parallel."""
 
 import dataclasses
 import os
@@ -220,3 +220,35 @@ def test_fast_ar_fleet_on_ray_train(pbwo4_campaign, tmp_path):
         assert CheckpointManager(out / r / "checkpoints").latest().name == "ckpt-000000004.pt"
         assert "bank=2 " in (out / r / "fleet.log").read_text()  # both regions shared one bank
         assert starts(out / r) == [0]
+
+
+@pytest.mark.timeout(900)
+def test_a_fleet_registers_in_parallel_with_the_same_checks(tmp_path):
+    """A fleet's registration (publish_many): export and gate in a pool of 2 processes, MLflow calls in this
+    one; every region registered under its own name, gated, @champion; registering again makes nothing new.
+    In one process, the regions of one structure reuse an exported graph from the third on, gated alike."""
+    from registry.publish import publish_many
+    from registry.tracking import get_client
+
+    names = ["photon_eta_020_025", "photon_eta_025_030", "photon_eta_030_035"]  # one structure (368 voxels)
+    data = tmp_path / "data"
+    run_campaign(get_detector("atlas-like").select(names), data, CampaignSpec((8192.0, 65536.0), 60, seed=3),
+                 use_ray=False, progress=False)
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    cfg = dataclasses.replace(fleet_config(data, tmp_path / "fleet"), train=TrainConfig(
+        iterations=EVERY, checkpoint_every=EVERY, progress=False, n_val_max=50))
+    train_share(cfg, names, tracker=MLflowFleetTracker("reg", uri, plots=False))
+    dirs = [tmp_path / "fleet" / n for n in names]
+
+    pubs, failed = publish_many(dirs, uri=uri, workers=2)
+    assert not failed and sorted(p.name for p in pubs) == [f"reg.{n}" for n in names]
+    assert all(p.champion and p.parity["ok"] and p.parity["margin"] >= 1.0 for p in pubs)
+    client = get_client(uri)
+    assert all(client.get_model_version_by_alias(f"reg.{n}", "champion").tags["family"] == "fastcalogan"
+               for n in names)
+    again, failed = publish_many(dirs, uri=uri, workers=2)
+    assert not failed and all(p.existing for p in again)
+
+    pubs, failed = publish_many(dirs, campaign="one-process", uri=uri, workers=1)
+    assert not failed and [p.export for p in pubs] == ["fresh", "fresh", "reused"]
+    assert all(p.parity["ok"] for p in pubs)

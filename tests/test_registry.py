@@ -109,10 +109,10 @@ def test_register_pull_generate_matches_torch(split, store, tmp_path):
     for figure in ("max_sep_power_etot_per_energy", "max_long_rel", "max_rad_rel", "fpd"):
         assert float(mv.tags[f"heldout.{figure}"]) >= 0 and float(mv.tags[f"heldout.floor.{figure}"]) >= 0
     assert "| largest difference of the mean longitudinal profile |" in mv.description
-    plot = f"model-versions/get-artifact?name={pub.name}&version=1&path=validation/validation.png"
-    assert plot in mv.description
+    logged = mv.source.rsplit("/", 1)[-1]  # models:/m-...: the logged model holding the version's files
+    assert f"logged-models/{logged}/artifacts/files?artifact_file_path=extra_files/validation.png" in mv.description
     with fluent_uri(store):  # models:/ URIs resolve through the registry URI
-        files = mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{pub.name}/1/validation")
+        files = mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{pub.name}/1/extra_files")
         sig = mlflow.models.get_model_info(f"models:/{pub.name}/1").signature  # its contract
     assert [f.path.split("/")[-1] for f in files] == ["validation.png"]
     assert [(t["name"], list(t["tensor-spec"]["shape"]), t["tensor-spec"]["dtype"]) for t in sig.inputs.to_dict()] == \
@@ -321,13 +321,13 @@ def test_two_families_compete_for_one_region(split, store, tmp_path, monkeypatch
     measure = {k: float(v.tags["val_criterion"]) for k, v in versions.items()}
     best, worst = min(measure, key=measure.get), max(measure, key=measure.get)
     champ = client.get_model_version_by_alias("cli.barrel-1", "champion")
-    assert champ.version == best and measure[best] < measure[worst]
+    assert str(champ.version) == best and measure[best] < measure[worst]
     loser = versions[worst].tags["model"]
 
     train(loser, "later", 10)  # the losing family again, shorter: worse than the champion
     later = client.get_model_version("cli.barrel-1", "3")
     assert later.tags["model"] == loser and float(later.tags["val_criterion"]) > measure[best]
-    assert client.get_model_version_by_alias("cli.barrel-1", "champion").version == best
+    assert str(client.get_model_version_by_alias("cli.barrel-1", "champion").version) == best
     assert later.tags["champion_decision"].startswith(f"not champion: val criterion {float(later.tags['val_criterion']):.4g}")
     gen = pull("cli.barrel-1@champion", uri=store)
     assert gen.version == best and gen.metadata["family"] == versions[best].tags["family"]
@@ -355,7 +355,9 @@ def test_stores_of_the_former_naming_are_read(split, store, tmp_path):
     client = get_client(store)
     v = client.get_model_version(pub.name, pub.version)
     client.create_registered_model("test.fastcalogan.r7")
-    old = client.create_model_version("test.fastcalogan.r7", v.source, run_id=v.run_id, model_id=v.model_id)
+    with fluent_uri(store):  # the registry reads the logged model through the fluent tracking URI
+        old = client.create_model_version("test.fastcalogan.r7", v.source, run_id=v.run_id,
+                                          model_id=v.source.rsplit("/", 1)[-1])
     client.set_registered_model_alias("test.fastcalogan.r7", "champion", old.version)
     assert pull("test.fastcalogan.r7@champion", uri=store).generate([8000.0]).shape == (1, 368)
     rows = {r["name"]: r for r in list_models(uri=store)}
