@@ -564,9 +564,12 @@ def models(pattern, timeout) -> None:
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
 @click.option("--plots/--no-plots", default=True, show_default=True, help="A validation plot per region.")
 @click.option("--register", "do_register", is_flag=True,
-              help="Then register every region's best checkpoint (as CAMPAIGN.REGION, export and gate in parallel).")
+              help="Then register every region's best checkpoint (as CAMPAIGN.REGION; docs/registry.md).")
+@click.option("--register-workers", type=_POSITIVE, default=1, show_default=True,
+              help="With --register: processes that export and gate the regions while this one registers them "
+                   "(more pay where regions cannot share an exported graph, e.g. flow matching's).")
 def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu, address, max_failures, train, split,
-          overrides, bank_size, init_checkpoint, campaign, use_mlflow, plots, do_register) -> None:
+          overrides, bank_size, init_checkpoint, campaign, use_mlflow, plots, do_register, register_workers) -> None:
     """Train one MODEL per detector region on Ray Train workers, as banks of stacked models."""
     import dataclasses
 
@@ -606,19 +609,18 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
     if missing:
         _fail(RuntimeError(f"{len(missing)} regions have no checkpoint: {', '.join(missing[:10])}"))
     if do_register:
-        _register_fleet([Path(cfg.out_dir) / r for r in sorted(done)])
+        _register_fleet([Path(cfg.out_dir) / r for r in sorted(done)], register_workers)
 
 
-def _register_fleet(run_dirs: list[Path]) -> None:
-    """Register a fleet's regions (``registry.publish.publish_many``: export and gate in as many processes
-    as this process may use CPUs, then MLflow); one line per region; a region refused ends the command
-    with a non-zero exit after the others are registered."""
+def _register_fleet(run_dirs: list[Path], workers: int) -> None:
+    """Register a fleet's regions (``registry.publish.publish_many``: export and gate in ``workers``
+    processes while this one makes the MLflow calls); one line per region; a region refused ends the
+    command with a non-zero exit after the others are registered."""
     import time
 
     from registry.publish import publish_many
 
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                  len(run_dirs))
+    workers = min(workers, len(run_dirs))
     t0 = time.perf_counter()
     pubs, failed = publish_many(run_dirs, workers=workers, progress=lambda text: click.echo(f"  {text}"))
     click.echo(f"{len(pubs)} of {len(run_dirs)} regions registered in {time.perf_counter() - t0:.0f} s "

@@ -14,7 +14,7 @@
    E_tot, the layer energies, centres and widths against held-out showers), exported to
    ONNX, gated (ONNX Runtime against the torch model in float64, ``zoo.export.onnx_parity``) and
    registered as ``CAMPAIGN.REGION`` with its validation summary, ``@champion`` if it beats the
-   current one whatever its family (``registry.publish.publish_many``: export and gate in parallel).
+   current one whatever its family (``registry.publish.publish_many``).
 5. **pull** one model back by name from the registry and **generate** showers (ONNX Runtime).
 6. **validate** them against the held-out reference (full report, logged to that region's training
    run), and every region's champion (the fleet table, logged to the fleet's run, with which model won
@@ -246,8 +246,7 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
         echo(f"  trained in {summary['seconds']:.0f} s")
 
         stage("register", "best checkpoint per region → ONNX → parity gate → MLflow registry (CAMPAIGN.REGION@champion)")
-        pubs, failed = publish_many([fleet_dir / name for name in names], campaign=campaign, uri=uri,
-                                    workers=min(sc.workers, len(names)))
+        pubs, failed = publish_many([fleet_dir / name for name in names], campaign=campaign, uri=uri)
         if failed:
             raise RuntimeError(f"{len(failed)} regions not registered: " + "; ".join(failed.values()))
         published = {p.name.split(".", 1)[1]: p for p in pubs}

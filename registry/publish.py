@@ -301,6 +301,7 @@ class _Job:
     campaign: str
     region: str
     run_id: str
+    experiment_id: str
     best: dict
     split: str | None
     rtol: float
@@ -326,7 +327,8 @@ def _job(client, run_dir: Path, campaign: str | None, region: str | None, rtol: 
         return Publication(name, str(existing.version), champ is not None and str(champ.version) == str(existing.version),
                            existing.tags.get("champion_decision", ""), best["iteration"], best["metrics"],
                            existing=True, family=existing.tags.get("family", ""), model=existing.tags.get("model", ""))
-    return _Job(str(run_dir), name, campaign, region, run.info.run_id, best, run.data.tags.get(SPLIT_TAG), rtol, factor)
+    return _Job(str(run_dir), name, campaign, region, run.info.run_id, run.info.experiment_id, best,
+                run.data.tags.get(SPLIT_TAG), rtol, factor)
 
 
 class _Graphs:
@@ -412,13 +414,13 @@ def _summary(job: _Job) -> dict | None:
 
 def _register(client, uri: str, job: _Job, prepared: dict) -> Publication:
     """The MLflow side, in as few calls as it takes: the champion decision (against the version that holds
-    the alias now), the ONNX model with its signature and the validation plot logged into the run (the
-    run's metrics at the registered iteration go onto the logged model, with the held-out figures), then
-    the version under the region's name with its tags and description, then the alias if it won."""
+    the alias now), the ONNX model with its signature and the validation plot as a logged model of the run
+    (the held-out figures its metrics), then the version under the region's name with its tags and
+    description, then the alias if it won."""
     import mlflow
     import mlflow.onnx
     import onnx
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import LoggedModelOutput, Metric, RunTag
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parity, best, metrics = prepared["parity"], job.best, job.best["metrics"]
@@ -427,19 +429,23 @@ def _register(client, uri: str, job: _Job, prepared: dict) -> Publication:
     plot = plot if plot is not None and plot.exists() else None
     champ = _current_champion(client, job.name)
     crowned, decision = _decide(champ, metrics, job.split)
-    # in the run (as its active run: the logged model belongs to the run's experiment)
-    with fluent_uri(uri), mlflow.start_run(run_id=job.run_id):
+    # the logged model, in the run's experiment and from the run, filled by MLflow's onnx flavour; the run's
+    # output at the registered iteration (without an active run, MLflow does not read every metric history)
+    logged = client.create_logged_model(job.experiment_id, name="generator", source_run_id=job.run_id)
+    with fluent_uri(uri):
         info_model = mlflow.onnx.log_model(
-            onnx.load(prepared["onnx_path"]), name="generator", step=best["iteration"],
+            onnx.load(prepared["onnx_path"]), name="generator", model_id=logged.model_id,
             save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
             signature=_signature(prepared), extra_files=[str(plot)] if plot else None,
             # what the graph needs is known (onnx, onnxruntime): MLflow's inference of it runs a
             # subprocess that imports the model's modules, 10-15 s per registration on a CPU
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),
             metadata={k: v if isinstance(v, (str, int, float)) else json.dumps(v) for k, v in prepared["meta"].items()})
+    client.log_outputs(job.run_id, [LoggedModelOutput(info_model.model_id, step=best["iteration"])])
+    # the held-out figures as the logged model's metrics (and the run's, at the registered iteration)
     figures = {}
     if summary:
-        figures = {f"heldout_{k}": v for k, v in summary["figures"].items() if k in FIGURES}
+        figures.update({f"heldout_{k}": v for k, v in summary["figures"].items() if k in FIGURES})
         figures.update({f"heldout_floor_{k}": v for k, v in (summary.get("floor") or {}).items() if k in FIGURES})
     ts = int(time.time() * 1000)
     client.log_batch(job.run_id, metrics=[Metric(k, float(v), ts, best["iteration"], model_id=info_model.model_id)
