@@ -6,9 +6,11 @@ tracking library, with ``registry.tracking``'s :class:`~registry.tracking.Tracke
   logs what the UI needs to tell a good model at a glance: the model config, the training config and
   the data provenance as params; the losses and the validation metrics at every checkpoint (step =
   iteration); at the end, the best checkpoint's iteration and metrics as tags (FastCaloGAN's
-  criterion), the kept checkpoints (at most five files) as artifacts, and the validation plot of the
-  best checkpoint (mean longitudinal and radial profiles and E_tot/E_inc, generated against the
-  validation showers).
+  criterion) with a fingerprint of the held-out showers (:func:`selection_split`: the registry compares
+  champions only on the same ones), the kept checkpoints (at most five files) as artifacts, and the
+  best checkpoint's validation plot (mean longitudinal and radial profiles and E_tot/E_inc against the
+  validation showers) and summary beside their floor (:func:`heldout_validation`), which registration
+  shows on the model version.
 - :func:`run_tracked_fleet`: a fleet (``trainers.fleet.run_fleet``) under a parent run
   ``fleet/MODEL``, each region a child run (:class:`MLflowFleetTracker`, handed to the Ray workers).
 - :func:`run_tracked_sweep` / :func:`resume_tracked_sweep`: a sweep (``tune.sweep``) under a parent
