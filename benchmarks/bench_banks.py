@@ -19,11 +19,13 @@ Plain and each bank are built once and timed in turn, window for window (``--sec
 ``--repeat`` times: on a machine that other work shares, each ratio is the median of the ratios of
 neighbouring windows, which saw the same load; the rates printed are the best windows' (the least
 disturbed) and the spread is that of the window ratios (min to max). The peak memory on CUDA is that of
-the bank with the plain model beside it.
+the bank with the plain model beside it. ``--clock cpu`` (a CPU device only) counts this process's CPU
+time instead of the wall clock's: on a machine that other work shares, the time it waits for a core
+is then not counted (give it one thread, ``--threads 1``, so that CPU time is the work's time).
 
     .venv/bin/python benchmarks/bench_banks.py [--ks 1,10,30]
         [--families fastcalogan,par04_vae,fast_ar,flow_matching] [--seconds 5] [--repeat 1]
-        [--device cuda] [--threads 2]
+        [--device cuda] [--threads 2] [--clock wall]
 """
 
 from __future__ import annotations
@@ -72,15 +74,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _rate(step, device, seconds: float) -> float:
-    """Iterations/s of ``step`` over one window of at least ``seconds`` (and 3 iterations)."""
+def _rate(step, device, seconds: float, clock=time.perf_counter) -> float:
+    """Iterations per second of ``clock`` of ``step`` over one window of at least ``seconds`` (and 3
+    iterations)."""
     _sync(device)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), clock()
     while time.perf_counter() - t0 < seconds or n < 3:
         step()
         n += 1
     _sync(device)
-    return n / (time.perf_counter() - t0)
+    return n / (clock() - c0)
 
 
 def _autocast(device, bf16: bool):
@@ -164,15 +167,21 @@ def main():
                     help="windows of plain and of each bank in turn, N of each (ratio: the median of their ratios)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time by the wall clock or by this process's CPU time (a CPU device only)")
     ap.add_argument("--small-ar", action=argparse.BooleanOptionalAction, default=None,
                     help="FAST.AR at batch 8 and width 8 (default: on a CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu measures a CPU device only")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     small_ar = device.type == "cpu" if args.small_ar is None else args.small_ar
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}; torch {torch.__version__}; model-iterations/s (one iteration: one step of every model)")
+    print(f"{name}; torch {torch.__version__}; model-iterations per {args.clock} second (one iteration: one step "
+          "of every model)")
     precisions = [False, True] if device.type == "cuda" else [False]
     print(f"{'family':26s} {'precision':9s} {'K':>5s} {'model-it/s':>11s} {'x plain':>8s} {'peak GiB':>9s} "
           f"{'spread':>13s}")
@@ -191,8 +200,8 @@ def main():
                     step = bank(variant, overrides, readout, k, device, bf16)
                     ratios, best = [], 0.0
                     for _ in range(args.repeat):
-                        p = _rate(base, device, args.seconds)
-                        b = k * _rate(step, device, args.seconds)
+                        p = _rate(base, device, args.seconds, clock)
+                        b = k * _rate(step, device, args.seconds, clock)
                         best_plain, best = max(best_plain, p), max(best, b)
                         ratios.append(b / p)
                     rows.append((k, best, float(np.median(ratios)), min(ratios), max(ratios), _peak_gib(device)))
