@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import weakref
 
 __all__ = ["LogProgress", "progress", "track"]
 
@@ -42,14 +43,12 @@ class LogProgress:
         self.mark = self._fraction()
         self.postfix = ""
         self.closed = False
-        # a line every `every` seconds even while nothing advances (one long region, one slow step)
+        # a line every `every` seconds even while nothing advances (one long region, one slow step); the
+        # thread holds the display weakly, so one left unclosed by an exception stops with it
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="calozoo-progress", daemon=True)
+        self._ticker = threading.Thread(target=_tick, args=(weakref.ref(self), self._stop, every / 2),
+                                        name="calozoo-progress", daemon=True)
         self._ticker.start()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(self.every / 2):
-            self.refresh()
 
     def _fraction(self) -> float:
         return self.n / self.total if self.total else 0.0
@@ -108,6 +107,15 @@ class LogProgress:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+
+def _tick(ref, stop: threading.Event, period: float) -> None:
+    while not stop.wait(period):
+        display = ref()
+        if display is None:
+            return
+        display.refresh()
+        del display
 
 
 class _Silent:
