@@ -1,4 +1,4 @@
-"""Progress of long work, one helper for every command: a bar on a terminal, plain lines in a log.
+"""Progress of long work, the same for every command: a bar on a terminal, plain lines in a log.
 
 On a terminal, :func:`progress` is a tqdm bar. When its stream (stderr) is not a terminal (output
 to a file, ``nohup``, a batch system, ``ray job submit``'s logs), a bar's carriage-return frames
