@@ -1,8 +1,8 @@
 """The training loop: one outer loop for every model and every number of models.
 
-:func:`train_models` trains K ≥ 1 models as banks (``trainers.bank``: the models stacked, the
-family's own losses under ``vmap``, one step per kind of training: ``likelihood`` or
-``adversarial``); :func:`train` is a bank of one. The outer loop samples batches, checkpoints every
+:func:`train_models` trains K ≥ 1 models as banks (``trainers.bank``: K > 1 models stacked, their
+losses under ``vmap``, a bank of one's called directly; one step per kind of training, ``likelihood``
+or ``adversarial``); :func:`train` is a bank of one. The outer loop samples batches, checkpoints every
 ``checkpoint_every`` iterations (the model's config, the transform spec, both optimisers, the
 iteration and every RNG state: a killed run resumes exactly where it stopped), validates at each
 checkpoint with FastCaloGAN's criterion on a held-out set, keeps at most ``keep_checkpoints`` files,
