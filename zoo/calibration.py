@@ -13,8 +13,9 @@ smooth network's reach and are what the CaloChallenge histograms see first:
 - the **occupancy** of the sparse outer voxels and deep layers (which voxels hold any energy at all),
   which a continuous model gets only through a threshold.
 
-This module maps them in three monotone steps, fitted per knot of incident energy (the rows of
-``energy_tables``: the model's own knots), all of them table look-ups that export to ONNX:
+This module maps them in three monotone steps, fitted per knot of incident energy (the model's own
+knots; between two knots step 1 blends their maps, step 2 takes the nearer one's), all of them table
+look-ups that export to ONNX:
 
 1. each *class* of voxels (one radial ring of one layer) is mapped from the model's distribution of
    that class's energies (its quantiles on ``levels``, the share of empty voxels included) onto the
@@ -272,13 +273,14 @@ class MarginalCalibration(nn.Module):
         return y * (((voxels @ m) / (y @ m).clamp_min(1e-12)).clamp(0.5, 1e3) @ m.T)
 
     def _small(self, y: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """Step 2: the small deposits onto the data's spectrum of them."""
+        """Step 2: the small deposits onto the data's spectrum of them, at the nearer knot: the lines
+        lie at the same energies at every knot but take other shares of it, so a blend of two knots'
+        maps would put a hit between lines."""
         lo = self.log_range[0]
         top = torch.full_like(lo, math.log(self.fine_max_mev))
         small = (y > 0) & (y < self.fine_max_mev)
-        fine = self._look_up(self.fine, k0.expand_as(y), y, lo, top) * (1.0 - f) \
-            + self._look_up(self.fine, k1.expand_as(y), y, lo, top) * f
-        return torch.where(small, fine, y)
+        nearer = torch.where(f >= 0.5, k1, k0)
+        return torch.where(small, self._look_up(self.fine, nearer.expand_as(y), y, lo, top), y)
 
     def forward(self, voxels: torch.Tensor, knot_position: torch.Tensor) -> torch.Tensor:
         """Calibrated voxels (B, n_voxels) MeV; knot_position (B,): each shower's fractional place among
