@@ -116,6 +116,8 @@ class FlowMatchingConfig(ModelConfig):
         (the default) the calibration's per-ring thresholds do this instead.
     energy_knots: the standardisation's mean and spread of every dimension are piecewise linear in
         log E_inc between this many knots (1: one mean and spread for all energies).
+    dequantise_layers: empty layers' shares of E_tot are spread below log(layer_floor) in training, as
+        empty voxels are (``_log_parts``), so that the energy model draws empty layers as empty.
     calibration: generated voxel energies are mapped onto the training data's distributions per
         radial ring of each layer and, for small deposits, onto its spectrum with its discrete lines,
         at each knot (``zoo.calibration``), refitted to the model's own showers at every checkpoint.
@@ -143,6 +145,7 @@ class FlowMatchingConfig(ModelConfig):
     energy_knots: int = 9
     hit_quantile: float = 0.0
     calibration: bool = True
+    dequantise_layers: bool = False
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"
     batch_size: int = 128
@@ -187,7 +190,7 @@ class FlowMatchingConfig(ModelConfig):
             raise ValueError("this checkpoint was trained with layer_rings, an experiment that was removed "
                              "(measured worse: README); retrain it without")
         return super().from_saved({"shape_model": "voxels", "lr_schedule": "constant", "energy_knots": 1,
-                                   "calibration": False,
+                                   "calibration": False, "dequantise_layers": False,
                                    "hit_quantile": 0.0, "energy_n_steps": 0, "energy_solver": "",
                                    "shower_summaries": False, "recentre": False, "layer_moments": False,
                                    **saved})
@@ -300,21 +303,29 @@ class FlowMatching(ShowerModel):
         return self.n_energy + self.n_voxels
 
     # -- the representation ------------------------------------------------------------------------
-    def _log_parts(self, showers: torch.Tensor, energy: torch.Tensor,
-                   dequantise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_parts(self, showers: torch.Tensor, energy: torch.Tensor, dequantise: torch.Tensor | None = None,
+                   dequantise_layers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log response and layer shares (B, 1 + n_layers), log voxel shares (B, n_voxels)), not standardised.
 
         An empty voxel is log(voxel_floor) and a voxel with energy above it, so that generation reads
         "empty" as "below log(voxel_floor)". With ``dequantise`` (uniforms (B, n_voxels)), empty voxels
         spread over [log(voxel_floor) - 1, log(voxel_floor)] instead of sitting on one value, which a
-        velocity field cannot reproduce exactly (it would smear it to both sides: tiny spurious hits)."""
+        velocity field cannot reproduce exactly (it would smear it to both sides: tiny spurious hits).
+        ``dequantise_layers`` (uniforms (B, n_layers)) does the same for empty layers' shares of E_tot
+        below log(layer_floor) (the deep layers of a low-energy shower are often empty: smeared, they
+        would all come out with a little energy)."""
         cfg = self.config
         layers = (showers @ self.layer_matrix).clamp_min(0.0)  # (B, n_layers) MeV
         total = layers.sum(1, keepdim=True)
         response = total / energy.reshape(-1, 1)
         layer_share = layers / total.clamp_min(1e-12)
         share = (showers / (layers @ self.layer_matrix.T).clamp_min(1e-12)).clamp_min(0.0)
-        y = torch.log(torch.cat([response, layer_share], dim=1) + cfg.layer_floor)
+        if dequantise_layers is None:
+            y = torch.log(torch.cat([response, layer_share], dim=1) + cfg.layer_floor)
+        else:
+            empty_layer = cfg.layer_floor * torch.exp(-dequantise_layers)
+            y = torch.log(torch.cat([response + cfg.layer_floor,
+                                     torch.where(layer_share > 0, layer_share + cfg.layer_floor, empty_layer)], dim=1))
         if self.n_summaries:
             y = torch.cat([y, self._summaries(showers)], dim=1)
         if dequantise is None:
@@ -367,7 +378,9 @@ class FlowMatching(ShowerModel):
             energy = np.asarray(energy_mev, dtype=np.float64).ravel()
             e = torch.as_tensor(energy, dtype=torch.float32, device=dev)
             u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(dev)
-            y, z = self._log_parts(x, e, u)
+            u_layers = torch.rand(len(x), self.n_layers, generator=torch.Generator().manual_seed(1)).to(dev) \
+                if self.config.dequantise_layers else None
+            y, z = self._log_parts(x, e, u, u_layers)
             log_e = np.log(energy / 1000.0)
             lo, hi = float(log_e.min()), float(log_e.max())
             if k > 1 and hi - lo < 1e-6:
@@ -428,8 +441,9 @@ class FlowMatching(ShowerModel):
         return self._knot_weights(cond) @ self.shape_max
 
     def _standardised(self, showers: torch.Tensor, energy: torch.Tensor, cond: torch.Tensor,
-                      dequantise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        y, z = self._log_parts(showers, energy, dequantise)
+                      dequantise: torch.Tensor | None = None,
+                      dequantise_layers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        y, z = self._log_parts(showers, energy, dequantise, dequantise_layers)
         y_mean, y_std, z_mean, z_std = self._tables(cond)
         return (y - y_mean) / y_std, (z - z_mean) / z_std
 
@@ -505,14 +519,16 @@ class FlowMatching(ShowerModel):
         """x_0 and t of each model's flow-matching path."""
         return {"x0_energy": ((batch_size, self.n_energy), "normal"), "t_energy": ((batch_size, 1), "uniform"),
                 "x0_shape": ((batch_size, self.n_voxels), "normal"), "t_shape": ((batch_size, 1), "uniform"),
-                "dequantise": ((batch_size, self.n_voxels), "uniform"), "symmetry": ((batch_size, 2), "uniform")}
+                "dequantise": ((batch_size, self.n_voxels), "uniform"), "symmetry": ((batch_size, 2), "uniform"),
+                **({"dequantise_layers": ((batch_size, self.n_layers), "uniform")}
+                   if self.config.dequantise_layers else {})}
 
     def losses(self, batch: dict) -> dict:
         """{"loss", "energy", "shape"}: the two flow-matching losses (mean squared velocity error per
         dimension, batch means) and their sum."""
         cond = batch["conditions"]
         showers = self._rotated(batch["showers"], batch["symmetry"]) if self.config.symmetric_alpha else batch["showers"]
-        y1, z1 = self._standardised(showers, batch["energy"], cond, batch["dequantise"])
+        y1, z1 = self._standardised(showers, batch["energy"], cond, batch["dequantise"], batch.get("dequantise_layers"))
         losses = {}
         for name, velocity, x1, context in (("energy", self.energy_net, y1, cond),
                                             ("shape", self._shape_velocity, z1, self._shape_inputs(y1, cond))):
