@@ -187,6 +187,11 @@ class ShowerModel(nn.Module):
         checkpoints and its exported graph), computed once before training; (N,) MeV, (N, n_voxels)
         MeV. Most models keep none."""
 
+    def calibrate(self) -> None:
+        """Refit what the model's generation keeps of its own showers against the statistics of
+        ``fit_data`` (a family that calibrates its output, e.g. ``zoo.calibration``); called before each
+        checkpoint's validation. Most models keep none."""
+
     # -- the interface ---------------------------------------------------------------------------
     @property
     def noise_dim(self) -> int:
