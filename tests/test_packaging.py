@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,6 +22,11 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest brings tomli there
+    import tomli as tomllib
 
 from registry.pull import ShowerGenerator
 from registry.server import start_server, stop_server

@@ -276,12 +276,14 @@ def _train_models(models, train_data, val_data, cfg: TrainConfig, run_dirs, rng:
             for i in range(k):
                 model = bank.unstacked(i)
                 model.eval()
+                model.calibrate()  # generation-side tables some families fit to their own showers
                 metrics, _ = validate(model, val_data[i], cfg.n_val_max)
                 model.train()
                 record = {"iteration": done, **{n: float(v[i]) for n, v in values.items()},
                           **{n: v for n, v in metrics.items() if n != "per_energy"}}
                 histories[i].append(record)
-                state = checkpoint_state(model, bank.model_state(i), bank.optimiser_state(i), done, bank.rng_state(i),
+                weights = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+                state = checkpoint_state(model, weights, bank.optimiser_state(i), done, bank.rng_state(i),
                                          record, histories[i], cfg, data_info[i])
                 managers[i].save(state, done, record)
                 chi2.append(metrics["chi2_sum"])

@@ -187,6 +187,11 @@ class ShowerModel(nn.Module):
         checkpoints and its exported graph), computed once before training; (N,) MeV, (N, n_voxels)
         MeV. Most models keep none."""
 
+    def calibrate(self) -> None:
+        """Refit what the model's generation keeps of its own showers against the statistics of
+        ``fit_data`` (a family that calibrates its output, e.g. ``zoo.calibration``); called before each
+        checkpoint's validation. Most models keep none."""
+
     # -- the interface ---------------------------------------------------------------------------
     @property
     def noise_dim(self) -> int:
@@ -352,8 +357,9 @@ class ConfigError(ValueError, TypeError):
 INT_LIMITS = {"batch_size": 65_536, "n_steps": 1000, "energy_n_steps": 1000, "n_critic": 100,
               "response_quantiles": 100_000}
 INT_MAX = 16_384
-#: the whole-number fields for which 0 is a value (0 quantiles: no response table); others start at 1
-ZERO_ALLOWED = frozenset({"response_quantiles"})
+#: the whole-number fields for which 0 is a value (0 quantiles: no response table; 0 energy steps: the
+#: shape model's); others start at 1
+ZERO_ALLOWED = frozenset({"response_quantiles", "energy_n_steps"})
 #: at most this many entries in a list of widths (layers)
 MAX_LAYERS = 64
 

@@ -49,6 +49,13 @@ holds every step and is a pure function of (noise, conditions). Voxel shares bel
 inverse transform are set to zero and each layer's shares renormalised to one, so a shower's layer
 energies are exactly the energy model's.
 
+**Marginal calibration** (``calibration``, ``zoo.calibration``): the generated voxels are last mapped
+onto the training data's distribution of each radial ring of each layer (which voxels hold energy at
+all, and how much) and their small deposits onto its spectrum, whose discrete lines (the K-shell
+binding energies of W and Pb, 511 keV) a velocity field cannot draw; the maps keep every layer's
+energy and the order of its voxels, and are refitted to the model's own showers at every checkpoint
+(``calibrate``), so the exported graph holds them as tables.
+
 Why the integrator and the loss are written here rather than taken from ``torchdiffeq`` or Meta's
 ``flow_matching``: the exported graph must unroll a fixed number of steps of plain tensor ops (ONNX has
 no ODE solver, and those libraries' solvers step in Python with adaptive or data-dependent control
@@ -69,6 +76,7 @@ import torch
 from torch import nn
 
 from zoo._registry import register_model
+from zoo.calibration import MarginalCalibration
 from zoo.base import LOG_ENERGY_CONDITIONS, LR_SCHEDULES, ModelConfig, SearchSpace, ShowerModel, atlas_region, build_variant
 
 __all__ = ["FlowMatching", "FlowMatchingConfig", "FlowMatchingSearch"]
@@ -104,9 +112,15 @@ class FlowMatchingConfig(ModelConfig):
         energy model (cheap) keeps midpoint steps (README, the sampler-steps tables).
     layer_floor, voxel_floor: the offsets of the two log transforms (fractions of E_inc and of a layer).
     hit_quantile: generated voxels below this quantile of the training data's non-zero voxel energies
-        are set to zero (0: none), their energy given to the rest of their layer.
+        are set to zero (0: none), their energy given to the rest of their layer; with ``calibration``
+        (the default) the calibration's per-ring thresholds do this instead.
     energy_knots: the standardisation's mean and spread of every dimension are piecewise linear in
         log E_inc between this many knots (1: one mean and spread for all energies).
+    dequantise_layers: empty layers' shares of E_tot are spread below log(layer_floor) in training, as
+        empty voxels are (``_log_parts``), so that the energy model draws empty layers as empty.
+    calibration: generated voxel energies are mapped onto the training data's distributions per
+        radial ring of each layer and, for small deposits, onto its spectrum with its discrete lines,
+        at each knot (``zoo.calibration``), refitted to the model's own showers at every checkpoint.
     learning_rate, lr_schedule, batch_size: read by the likelihood trainer (``lr_schedule``: one of
         ``zoo.base.LR_SCHEDULES``; "cosine" anneals to zero over the run's iterations).
     """
@@ -129,7 +143,9 @@ class FlowMatchingConfig(ModelConfig):
     layer_floor: float = 1e-5
     voxel_floor: float = 1e-5
     energy_knots: int = 9
-    hit_quantile: float = 0.005
+    hit_quantile: float = 0.0
+    calibration: bool = True
+    dequantise_layers: bool = False
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"
     batch_size: int = 128
@@ -174,6 +190,7 @@ class FlowMatchingConfig(ModelConfig):
             raise ValueError("this checkpoint was trained with layer_rings, an experiment that was removed "
                              "(measured worse: README); retrain it without")
         return super().from_saved({"shape_model": "voxels", "lr_schedule": "constant", "energy_knots": 1,
+                                   "calibration": False, "dequantise_layers": False,
                                    "hit_quantile": 0.0, "energy_n_steps": 0, "energy_solver": "",
                                    "shower_summaries": False, "recentre": False, "layer_moments": False,
                                    **saved})
@@ -244,6 +261,8 @@ class FlowMatching(ShowerModel):
         self.register_buffer("shape_max", torch.zeros(k, self.n_voxels))  # log(share + floor) <= log(1 + floor)
         self.register_buffer("hit_threshold", torch.zeros(()))  # MeV
         self.energy_net = _Velocity(self.n_energy, self.n_cond, config.energy_widths, config.time_features)
+        self.calib = MarginalCalibration(self.readout, k) if config.calibration else None
+        self._raw = False  # True while calibrate() samples the model's own, uncalibrated showers
         if config.symmetric_alpha:  # the voxel index and the layer's alpha-bin count of each voxel
             n_alpha = np.array([self.readout.layers[int(l)].n_alpha for l in layer_of])
             start = np.concatenate([[0], np.cumsum([layer.n_voxels for layer in self.readout.layers])])[layer_of]
@@ -284,21 +303,29 @@ class FlowMatching(ShowerModel):
         return self.n_energy + self.n_voxels
 
     # -- the representation ------------------------------------------------------------------------
-    def _log_parts(self, showers: torch.Tensor, energy: torch.Tensor,
-                   dequantise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_parts(self, showers: torch.Tensor, energy: torch.Tensor, dequantise: torch.Tensor | None = None,
+                   dequantise_layers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log response and layer shares (B, 1 + n_layers), log voxel shares (B, n_voxels)), not standardised.
 
         An empty voxel is log(voxel_floor) and a voxel with energy above it, so that generation reads
         "empty" as "below log(voxel_floor)". With ``dequantise`` (uniforms (B, n_voxels)), empty voxels
         spread over [log(voxel_floor) - 1, log(voxel_floor)] instead of sitting on one value, which a
-        velocity field cannot reproduce exactly (it would smear it to both sides: tiny spurious hits)."""
+        velocity field cannot reproduce exactly (it would smear it to both sides: tiny spurious hits).
+        ``dequantise_layers`` (uniforms (B, n_layers)) does the same for empty layers' shares of E_tot
+        below log(layer_floor) (the deep layers of a low-energy shower are often empty: smeared, they
+        would all come out with a little energy)."""
         cfg = self.config
         layers = (showers @ self.layer_matrix).clamp_min(0.0)  # (B, n_layers) MeV
         total = layers.sum(1, keepdim=True)
         response = total / energy.reshape(-1, 1)
         layer_share = layers / total.clamp_min(1e-12)
         share = (showers / (layers @ self.layer_matrix.T).clamp_min(1e-12)).clamp_min(0.0)
-        y = torch.log(torch.cat([response, layer_share], dim=1) + cfg.layer_floor)
+        if dequantise_layers is None:
+            y = torch.log(torch.cat([response, layer_share], dim=1) + cfg.layer_floor)
+        else:
+            empty_layer = cfg.layer_floor * torch.exp(-dequantise_layers)
+            y = torch.log(torch.cat([response + cfg.layer_floor,
+                                     torch.where(layer_share > 0, layer_share + cfg.layer_floor, empty_layer)], dim=1))
         if self.n_summaries:
             y = torch.cat([y, self._summaries(showers)], dim=1)
         if dequantise is None:
@@ -351,7 +378,9 @@ class FlowMatching(ShowerModel):
             energy = np.asarray(energy_mev, dtype=np.float64).ravel()
             e = torch.as_tensor(energy, dtype=torch.float32, device=dev)
             u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(dev)
-            y, z = self._log_parts(x, e, u)
+            u_layers = torch.rand(len(x), self.n_layers, generator=torch.Generator().manual_seed(1)).to(dev) \
+                if self.config.dequantise_layers else None
+            y, z = self._log_parts(x, e, u, u_layers)
             log_e = np.log(energy / 1000.0)
             lo, hi = float(log_e.min()), float(log_e.max())
             if k > 1 and hi - lo < 1e-6:
@@ -384,6 +413,23 @@ class FlowMatching(ShowerModel):
                     near = ([below[-1]] if below else []) + ([above[0]] if above else [])
                     rows[j] = torch.stack([rows[i] for i in near]).max(0).values
             self.shape_max.copy_((torch.stack(rows) + SHAPE_MAX_MARGIN).clamp_max(math.log(1.0 + self.config.voxel_floor)))
+            if self.calib is not None:
+                self.calib.fit_reference(nearest.cpu().numpy(), energy, np.asarray(showers_mev),
+                                         np.exp(self.knots.cpu().numpy()) * 1000.0)
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Refit the marginal calibration (``zoo.calibration``) to this model's own showers at the
+        energies ``fit_data`` chose (the same noise every time)."""
+        if self.calib is None:
+            return
+        energy = self.calib.sample_energy.reshape(-1).cpu().numpy()
+        self._raw = True
+        try:
+            raw = self.sample(energy, generator=torch.Generator(device=self.device).manual_seed(20251123))
+        finally:
+            self._raw = False
+        self.calib.fit_model(raw.double().cpu().numpy())
 
     def _tables(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(mean, spread) of y and of z at each shower's energy: four (B, dim) tensors."""
@@ -395,8 +441,9 @@ class FlowMatching(ShowerModel):
         return self._knot_weights(cond) @ self.shape_max
 
     def _standardised(self, showers: torch.Tensor, energy: torch.Tensor, cond: torch.Tensor,
-                      dequantise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        y, z = self._log_parts(showers, energy, dequantise)
+                      dequantise: torch.Tensor | None = None,
+                      dequantise_layers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        y, z = self._log_parts(showers, energy, dequantise, dequantise_layers)
         y_mean, y_std, z_mean, z_std = self._tables(cond)
         return (y - y_mean) / y_std, (z - z_mean) / z_std
 
@@ -472,14 +519,16 @@ class FlowMatching(ShowerModel):
         """x_0 and t of each model's flow-matching path."""
         return {"x0_energy": ((batch_size, self.n_energy), "normal"), "t_energy": ((batch_size, 1), "uniform"),
                 "x0_shape": ((batch_size, self.n_voxels), "normal"), "t_shape": ((batch_size, 1), "uniform"),
-                "dequantise": ((batch_size, self.n_voxels), "uniform"), "symmetry": ((batch_size, 2), "uniform")}
+                "dequantise": ((batch_size, self.n_voxels), "uniform"), "symmetry": ((batch_size, 2), "uniform"),
+                **({"dequantise_layers": ((batch_size, self.n_layers), "uniform")}
+                   if self.config.dequantise_layers else {})}
 
     def losses(self, batch: dict) -> dict:
         """{"loss", "energy", "shape"}: the two flow-matching losses (mean squared velocity error per
         dimension, batch means) and their sum."""
         cond = batch["conditions"]
         showers = self._rotated(batch["showers"], batch["symmetry"]) if self.config.symmetric_alpha else batch["showers"]
-        y1, z1 = self._standardised(showers, batch["energy"], cond, batch["dequantise"])
+        y1, z1 = self._standardised(showers, batch["energy"], cond, batch["dequantise"], batch.get("dequantise_layers"))
         losses = {}
         for name, velocity, x1, context in (("energy", self.energy_net, y1, cond),
                                             ("shape", self._shape_velocity, z1, self._shape_inputs(y1, cond))):
@@ -552,7 +601,10 @@ class FlowMatching(ShowerModel):
         kept = (voxels > threshold).to(voxels.dtype)
         kept = torch.maximum(kept, ((kept @ self.layer_matrix) == 0).to(voxels.dtype) @ self.layer_matrix.T)  # not a whole layer
         voxels = voxels * kept
-        return voxels * ((layers / (voxels @ self.layer_matrix).clamp_min(1e-12)) @ self.layer_matrix.T)
+        voxels = voxels * ((layers / (voxels @ self.layer_matrix).clamp_min(1e-12)) @ self.layer_matrix.T)
+        if self.calib is not None and self.calib.is_fitted and not self._raw:
+            voxels = self.calib(voxels, self._knot_weights(conditions) @ torch.arange(cfg.energy_knots, dtype=voxels.dtype, device=voxels.device))
+        return voxels
 
     def _recentred(self, voxels: torch.Tensor, y: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """Voxels (B, n_voxels) MeV with every layer's centre moved by the same (dx, dy): the drawn
