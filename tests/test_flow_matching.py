@@ -98,7 +98,8 @@ def test_empty_voxels_lie_below_the_floor_and_generate_as_zero_and_hits_stay_in_
     at_bound = z.clone()
     z[:, 1000], at_bound[:, 1000] = 50.0, ((model._shape_bound(cond) - z_mean) / z_std)[:, 1000]
     assert float(at_bound[0, 1000]) < 10.0
-    torch.testing.assert_close(model._to_voxels(y, z, cond), model._to_voxels(y, at_bound, cond))
+    t = model.hit_threshold
+    torch.testing.assert_close(model._to_voxels(y, z, cond, t), model._to_voxels(y, at_bound, cond, t))
     assert -3.0 < float(model.shape_max.max()) <= np.log(1 + model.config.voxel_floor) + 1e-6
 
 
