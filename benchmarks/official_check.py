@@ -31,9 +31,15 @@ below 2); both columns are therefore ``validate.distances``: JetNet's parameters
 replacement at 10 000-50 000 whatever the sample size: ``cap_to_sample=False``, JetNet's random
 draws) against the report's (batches capped at the sample sizes).
 
-Cost (one thread of a shared 2-core CPU, 1000 against 1000 showers): the official network is about
-8 min per cls-low run and 4 min per cls-high run, the same for ours, so about 75 min per pair with 3
-runs each, plus a few minutes for the official ``hist`` mode's 200-odd plots.
+Cost (one thread, 1000 against 1000 showers): the official network is about 8 min of CPU per
+cls-low run and 4 min per cls-high run, the same for ours, so about 75 min per pair with 3 runs each,
+plus a few minutes for the official ``hist`` mode's 200-odd plots. ``--only official`` and ``--only
+ours`` run one side each (in two processes), ``--merge`` then prints the table of their JSON files:
+
+    for side in official ours; do .venv/bin/python benchmarks/official_check.py --data G4.h5 --only $side \
+        --out out/official_check/$side & done; wait
+    .venv/bin/python benchmarks/official_check.py --data G4.h5 --out out/official_check \
+        --merge out/official_check/official/official_check.json out/official_check/ours/official_check.json
 """
 
 from __future__ import annotations
@@ -73,10 +79,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="showers a side")
     ap.add_argument("--seeds", type=int, default=3, help="classifier runs of each implementation")
     ap.add_argument("--epochs", type=int, default=50, help="classifier epochs (50: the official)")
+    ap.add_argument("--only", choices=["official", "ours"], default=None,
+                    help="Run one side only (two processes, one for each, then --merge their JSON files).")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="Print the table of these official_check.json files (one side each) and stop.")
     ap.add_argument("--out", default="out/official_check")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        results = {}
+        for path in args.merge:
+            for pair, r in json.loads(Path(path).read_text()).items():
+                results.setdefault(pair, {}).update(r)
+        return write_tables(results, out)
     readout = get_readout(args.readout)
     energy, showers = read_calochallenge(args.data, readout=readout)
     a, b = halves(energy, args.n, seed=20)
@@ -96,16 +112,23 @@ def main() -> None:
             work.mkdir()
             write_calochallenge(work / "input.h5", gen_e, gen_x, dtype=np.float64)
             write_calochallenge(work / "reference.h5", ref_e, ref_x, dtype=np.float64)
-            results[pair] = {"label": label, "n": [len(gen_e), len(ref_e)],
-                             "official": run_official(code, work, args.seeds, args.epochs),
-                             "ours": run_ours(gen_e, gen_x, ref_e, ref_x, readout, work, args.seeds, args.epochs)}
+            results[pair] = {"label": label, "n": [len(gen_e), len(ref_e)]}
+            if args.only in (None, "official"):
+                results[pair]["official"] = run_official(code, work, args.seeds, args.epochs)
+            if args.only in (None, "ours"):
+                results[pair]["ours"] = run_ours(gen_e, gen_x, ref_e, ref_x, readout, work, args.seeds, args.epochs)
             (out / "official_check.json").write_text(json.dumps(results, indent=1, default=float))
-            print("\n".join(table(results[pair])), flush=True)
+    if args.only is None:
+        write_tables(results, out)
+
+
+def write_tables(results: dict, out: Path) -> None:
+    """Both sides of every pair side by side: printed and in ``out/official_check.md``."""
     text = ["# The report against the official evaluator", ""]
     for pair, r in results.items():
         text += [f"## {r['label']} against Geant4 half B ({r['n'][0]} against {r['n'][1]} showers)", "", *table(r), ""]
     (out / "official_check.md").write_text("\n".join(text))
-    print(f"\n{out / 'official_check.md'}")
+    print("\n".join(text) + f"\n{out / 'official_check.md'}")
 
 
 def halves(energy: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
