@@ -677,7 +677,7 @@ def _validate_options(classifier: str):
         click.option("--max-showers", type=_POSITIVE, default=50_000, show_default=True,
                      help="At most this many showers per file."),
         click.option("--per-layer/--no-per-layer", default=True, show_default=True,
-                     help="Histogram every layer's features on the reference's binning too."),
+                     help="Histogram every layer's features on the reference's binning too, and draw them."),
         click.option("--distances/--no-distances", default=True, show_default=True, help="FPD and KPD."),
         click.option("--gpu", is_flag=True, help="Train the classifier on CUDA."),
         click.option("--threads", type=int, default=None,

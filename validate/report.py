@@ -107,8 +107,8 @@ class ValidateConfig:
     max_showers: at most this many showers of each file are read (evenly strided, so a file sorted by
         energy keeps all its energies).
     n_bins: bins of the feature histograms on the reference's binning.
-    per_layer: histogram every layer's features on the reference's binning (the evaluator's
-        histograms are always per layer).
+    per_layer: histogram every layer's features on the reference's binning, and draw the per-layer
+        histograms (the evaluator's histograms are computed per layer in any case).
     distances: compute FPD and KPD (``fpd_batches`` batches per batch size).
     plots: draw the PNGs (per-layer features for at most ``max_layers_drawn`` layers).
     """
@@ -477,7 +477,7 @@ def validate_samples(gen_e, gen_x, ref_e, ref_x, readout: Readout, out_dir, cfg:
         # the evaluator's histograms where the readout has its binning, else the reference-binned ones
         for c in (_comparisons(hists) if hists else comps):
             per_layer = c.layer is not None and c.layer >= 0
-            if per_layer and c.layer not in shown:
+            if per_layer and (not cfg.per_layer or c.layer not in shown):
                 continue
             key = "etot_einc" if c.feature == "etot_einc" else (c.feature if per_layer else "overall")
             by_name.setdefault(key, []).append(c)
