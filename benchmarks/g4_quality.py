@@ -242,7 +242,7 @@ def _fl(h: dict, key: str, scale: float = 1.0) -> str:
     if key not in h:
         return "–"
     floor = h.get(f"{key}_floor")
-    return f"{scale * h[key]:.3g}" + (f" ({scale * floor:.3g})" if floor is not None else "")
+    return f"{scale * h[key]:.4g}" + (f" ({scale * floor:.4g})" if floor is not None else "")
 
 
 def print_table(title: str, m: dict):

@@ -316,6 +316,11 @@ def _evaluator_figures(gen_e, gen_x, ref_e, ref_x, readout, cfg: ValidateConfig,
     return out, hists
 
 
+def _num(v: float, digits: int = 3) -> str:
+    """``digits`` significant digits, without an exponent for values up to 10⁶."""
+    return f"{v:.0f}" if 10**digits <= abs(v) < 1e6 else f"{v:.{digits}g}"
+
+
 def _pm(value, std, digits=3) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if np.isfinite(std) else "")
 
@@ -349,8 +354,8 @@ def _evaluator_markdown(m: dict) -> list[str]:
             d = m[name]
             f = d["floor"]
             lines.append(f"| {name.upper()} ×10³ ({d['n_gen']} vs {d['n_ref']} showers, {d['n_features']} features) | "
-                         f"{1e3 * d['value']:.3g} ± {1e3 * d['error']:.2g} | "
-                         + (f"{1e3 * f['value']:.3g} ± {1e3 * f['error']:.2g}" if f else "–") + f" | `{name}` |")
+                         f"{_num(1e3 * d['value'])} ± {_num(1e3 * d['error'], 2)} | "
+                         + (f"{_num(1e3 * f['value'])} ± {_num(1e3 * f['error'], 2)}" if f else "–") + f" | `{name}` |")
     summary = ev.get("summary", {})
     for feature, _, what in official.HIST_FEATURES:
         s = summary.get(feature)
