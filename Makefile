@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 	  $(BIN)/python -m pip install -q --only-binary=:all: "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[train,test]"
 	@touch $(STAMP)
 
 clean:

@@ -65,6 +65,12 @@ def _energies(text: str) -> tuple[float, ...]:
 
 
 _POSITIVE = click.IntRange(min=1)
+#: numpy's and torch's seeds are 32-bit: -1 or 2**40 would fail deep inside, without naming --seed
+_SEED = click.IntRange(0, 2**32 - 1)
+#: showers per energy, per file, per batch: beyond these a request is a typo (10^9 showers of 368 voxels
+#: are 1.5 TB), refused by name before anything starts
+_SHOWERS = click.IntRange(1, 10**9)
+_BATCH = click.IntRange(1, 10**7)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,6 +81,12 @@ _POSITIVE = click.IntRange(min=1)
 def main(tracking_uri) -> None:
     """calozoo: ML fast calorimeter simulation, from showers to registered ONNX models."""
     if tracking_uri:
+        from registry.tracking import check_store
+
+        try:
+            check_store(tracking_uri)  # a store that cannot be one is named now, before any work
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--tracking-uri") from None
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
 
 
@@ -102,14 +114,14 @@ def catalogue() -> None:
 @click.option("--particles", multiple=True, help="Only these particles (photon, electron, pion).")
 @click.option("--eta", nargs=2, type=float, default=None, help="Only regions overlapping this |eta| range.")
 @click.option("--energies", "energies", default="1,4,16,64", show_default=True, help="Incident energies in GeV.")
-@click.option("-n", "--n-per-energy", type=_POSITIVE, default=1000, show_default=True,
+@click.option("-n", "--n-per-energy", type=_SHOWERS, default=1000, show_default=True,
               help="Showers per energy (in all with --log-uniform).")
 @click.option("--log-uniform", is_flag=True, help="Sample energies log-uniformly between the two --energies.")
-@click.option("--seed", default=1234, show_default=True)
+@click.option("--seed", type=_SEED, default=1234, show_default=True)
 @click.option("-o", "--out", "out_dir", default="calozoo-data", show_default=True, type=click.Path(file_okay=False))
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray).")
 @click.option("--no-ray", is_flag=True, help="Run the regions in this process, one after the other.")
-@click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
+@click.option("--num-cpus", type=click.IntRange(1, 4096), default=None, help="CPUs for a local Ray (default: all).")
 @click.option("--overwrite", is_flag=True, help="Simulate regions whose files already exist again.")
 def simulate(detector, patterns, particles, eta, energies, n_per_energy, log_uniform, seed, out_dir, address,
              no_ray, num_cpus, overwrite) -> None:
@@ -140,7 +152,7 @@ def simulate(detector, patterns, particles, eta, energies, n_per_energy, log_uni
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "out_png", default=None, help="PNG to write (default: next to the file).")
 @click.option("--readout", default=None, help="Readout name or XML, if the file does not record one.")
-@click.option("--max-showers", type=_POSITIVE, default=20000, show_default=True)
+@click.option("--max-showers", type=_SHOWERS, default=20000, show_default=True)
 def show(path, out_png, readout, max_showers) -> None:
     """Plot a file's mean longitudinal and radial profiles and E_tot/E_inc per incident energy."""
     from showers.errors import ShowerDataError
@@ -159,7 +171,7 @@ def show(path, out_png, readout, max_showers) -> None:
 @click.option("-o", "--out", "out_h5", required=True, help="CaloChallenge HDF5 file to write.")
 @click.option("--collections", default="ECalBarrelSiHitsEven,ECalBarrelSiHitsOdd", show_default=True,
               help="Comma-separated SimCalorimeterHit collections.")
-@click.option("--entry", default=0, show_default=True, help="Event number in the file.")
+@click.option("--entry", type=click.IntRange(0, 2**62), default=0, show_default=True, help="Event number in the file.")
 def voxelise(path, out_h5, collections, entry) -> None:
     """Voxelise a Geant4 (ddsim) EDM4hep event around its primary particle into a CaloChallenge
     file (energy conserved exactly: voxels + outside = hits), and print where the energy went."""
@@ -184,10 +196,11 @@ def voxelise(path, out_h5, collections, entry) -> None:
 @click.option("--readout", default="g4-pbwo4", show_default=True)
 @click.option("--medium", default="PbWO4", show_default=True)
 @click.option("--particle", default="e-", show_default=True)
-@click.option("-n", "--n-sim", default=2000, show_default=True, help="Simulated showers per energy for the table.")
+@click.option("-n", "--n-sim", type=click.IntRange(1, 10**7), default=2000, show_default=True,
+              help="Simulated showers per energy for the table.")
 @click.option("--fit", "do_fit", is_flag=True, help="Fit the EM coefficients to the reference first.")
 @click.option("--write", "write_to", default=None, help="With --fit: write the calibration JSON here.")
-@click.option("--seed", default=7, show_default=True)
+@click.option("--seed", type=_SEED, default=7, show_default=True)
 def calibrate(reference, readout, medium, particle, n_sim, do_fit, write_to, seed) -> None:
     """Compare the simulator with reference (Geant4) showers, optionally fitting it first; prints
     the per-energy agreement table (mean profiles, E_grid/E_inc and its spread)."""
@@ -219,17 +232,22 @@ def calibrate(reference, readout, medium, particle, n_sim, do_fit, write_to, see
         click.echo(f"wrote {write_to}")
 
 
-def _overrides(pairs) -> dict:
+def _overrides(pairs, hint: str = "--set") -> dict:
+    """KEY=VALUE pairs: VALUE as JSON (a number, true/false, a list), else as text; a VALUE that opens a
+    JSON list or object must be one (``learning_rate=[1e-4,`` is refused by name, not read as text)."""
     import json
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=hint)
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if value.lstrip().startswith(("[", "{")):
+                raise click.BadParameter(f"{pair!r}: the value is not valid JSON ({exc.msg} at character "
+                                         f"{exc.pos + 1}), e.g. {key}=[1e-4,2e-4]", param_hint=hint) from None
             out[key] = value
         if isinstance(out[key], list):
             out[key] = tuple(out[key])
@@ -253,7 +271,8 @@ def _training_options(device: bool):
                      help="Checkpoint (and validate) every N iterations; at most 5 checkpoints are kept."),
         click.option("--incremental-every", type=int, default=None,
                      help="FastCaloGAN's schedule: start at 32 GeV, add an energy point every M iterations."),
-        click.option("--seed", default=0, show_default=True, help="Seeds the weights, the data split and the batches."),
+        click.option("--seed", type=_SEED, default=0, show_default=True,
+                     help="Seeds the weights, the data split and the batches."),
         click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA."),
     ]
     if device:
@@ -289,10 +308,14 @@ def _split_options(fn):
     """--val-fraction and --min-val-per-energy, handed over as ``split`` (``trainers.data.DataSplit``)."""
     @functools.wraps(fn)
     def wrapper(*args, val_fraction, min_val_per_energy, **kw):
+        from click.core import ParameterSource
+
         from trainers.data import DataSplit
 
+        # a value asked for is refused where the data cannot hold it out, not silently capped
+        given = click.get_current_context().get_parameter_source("min_val_per_energy") == ParameterSource.COMMANDLINE
         try:
-            split = DataSplit(val_fraction, min_val_per_energy)
+            split = DataSplit(val_fraction, min_val_per_energy, strict=given)
         except ValueError as exc:
             _fail(exc)
         return fn(*args, split=split, **kw)
@@ -301,7 +324,8 @@ def _split_options(fn):
         click.option("--val-fraction", default=0.2, show_default=True,
                      help="Held out for validation (best epoch) per energy point."),
         click.option("--min-val-per-energy", default=100, show_default=True,
-                     help="At least this many held out per energy point."))(wrapper)
+                     help="At least this many held out per energy point (by default at most half of a point's "
+                          "showers; a value given here that the data cannot hold out is refused)."))(wrapper)
 
 
 def _model_options(fn):
@@ -341,6 +365,7 @@ def train(model_name, data_path, readout, out_dir, train, split, overrides, no_r
 
     from calozoo.tracked import run_labels, train_tracked
     from showers.errors import ShowerDataError
+    from showers.lock import writer_lock
     from trainers.data import load_showers
     from trainers.loop import train as run_training
     from zoo import create_model_for
@@ -355,12 +380,13 @@ def train(model_name, data_path, readout, out_dir, train, split, overrides, no_r
         tr, va = split(data, seed=train.seed)
         click.echo(f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                    f"{len(tr)} training and {len(va)} validation showers ({data.readout.name}) -> {out}")
-        if use_mlflow:
-            campaign, region = run_labels(data_path, campaign, region)
-            result, run = train_tracked(model, tr, va, train, out, campaign=campaign, region=region,
-                                        resume=not no_resume)
-        else:
-            result, run = run_training(model, tr, va, train, out, resume=not no_resume), None
+        with writer_lock(out):  # one writer per run folder, from before its MLflow run starts
+            if use_mlflow:
+                campaign, region = run_labels(data_path, campaign, region)
+                result, run = train_tracked(model, tr, va, train, out, campaign=campaign, region=region,
+                                            resume=not no_resume)
+            else:
+                result, run = run_training(model, tr, va, train, out, resume=not no_resume), None
     except (ShowerDataError, KeyError, TypeError, ValueError, FloatingPointError) as exc:
         _fail(exc)
     best = result.best
@@ -419,46 +445,61 @@ def register(run_dir, campaign, region) -> None:
 @main.command()
 @click.argument("ref", metavar="NAME[@ALIAS|@VERSION]")
 @click.option("--energies", required=True, help="Incident energies in GeV, comma-separated.")
-@click.option("-n", "--n-per-energy", type=_POSITIVE, default=1000, show_default=True)
+@click.option("-n", "--n-per-energy", type=_SHOWERS, default=1000, show_default=True)
 @click.option("--angle", type=float, default=None, help="Incident angle in degrees (models conditioned on it).")
 @click.option("--geometry", default=None, help="Geometry name (multi-geometry models).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", type=_POSITIVE, default=10_000, show_default=True)
+@click.option("--seed", type=_SEED, default=0, show_default=True)
+@click.option("--batch-size", type=_BATCH, default=10_000, show_default=True)
 @click.option("--allow-extrapolation", is_flag=True, help="Allow conditions outside the trained range.")
 @click.option("--offline", is_flag=True, help="Use the local cache only.")
 @click.option("-o", "--out", "out_h5", required=True, help="CaloChallenge HDF5 file to write.")
 def generate(ref, energies, n_per_energy, angle, geometry, seed, batch_size, allow_extrapolation, offline,
              out_h5) -> None:
-    """Generate showers with a registered model into a CaloChallenge HDF5 file (MeV)."""
+    """Generate showers with a registered model into a CaloChallenge HDF5 file (MeV), written in
+    batches as they are generated (memory holds one batch, whatever -n)."""
     import numpy as np
 
     from registry.pull import RegistryError, pull
-    from showers.formats import CaloChallengeWriter, check_output_path
+    from showers.formats import CaloChallengeWriter, check_disk, check_memory, check_output_path
+    from showers.progress import progress
 
     try:
-        e = np.repeat(np.asarray(_energies(energies)), n_per_energy)
-        check_output_path(out_h5)  # before the model is pulled and the showers generated
+        points = np.asarray(_energies(energies))
+        total = len(points) * n_per_energy
+        out_path = check_output_path(out_h5)  # before the model is pulled and the showers generated
         gen = pull(ref, offline=offline)
-        showers = gen.generate(e, angle, geometry, seed=seed, batch_size=batch_size,
-                               allow_extrapolation=allow_extrapolation, progress=len(e) > batch_size)
+        gen.encode(points, angle, geometry, allow_extrapolation)  # conditions outside the trained range: now
+        check_memory(min(batch_size, n_per_energy), gen.n_voxels, f"--batch-size {batch_size}",
+                     what="showers of a batch")
+        check_disk(out_path, total * (gen.n_voxels * np.dtype(np.float32).itemsize + 8), f"{total:,} showers")
     except (RegistryError, ValueError) as exc:
         _fail(exc)
     attrs = {"readout": gen.readout, "generator": f"calozoo:{gen.name}@v{gen.version}", "model": gen.metadata.get("model"),
              "seed": seed, "calozoo_version": __version__}
     if angle is not None:
         attrs["angle_deg"] = angle
-    if not np.all(np.isfinite(showers)):
-        _fail(ValueError(f"{gen.name} v{gen.version} produced non-finite voxel energies; nothing written"))
+    # one noise stream in the order of the showers: the same showers for the same seed, whatever the batch size
+    rng = np.random.default_rng(seed)
     # validate=False: the unit heuristics of the reader (E_tot/E_inc < 2) are for data, and a model
     # early in training may well put out ten times the incident energy; it should be written as it is.
-    with CaloChallengeWriter(out_h5, gen.n_voxels, attrs, validate=False) as w:
-        w.append(e, showers)
-    click.echo(f"{len(e)} showers from {gen.name} v{gen.version} ({gen.providers[0]}) -> {out_h5}")
+    with CaloChallengeWriter(out_h5, gen.n_voxels, attrs, validate=False) as w, \
+            progress(total, f"generate {gen.name}", "shower", disable=total <= batch_size) as bar:
+        for point in points:
+            for start in range(0, n_per_energy, batch_size):
+                e = np.full(min(batch_size, n_per_energy - start), point)
+                noise = rng.standard_normal((len(e), gen.noise_dim), dtype=np.float32)
+                showers = gen.generate(e, angle, geometry, noise=noise, batch_size=batch_size,
+                                       allow_extrapolation=allow_extrapolation)
+                if not np.all(np.isfinite(showers)):
+                    raise ValueError(f"{gen.name} v{gen.version} produced non-finite voxel energies; nothing written")
+                w.append(e, showers)
+                bar.update(len(e))
+    click.echo(f"{total} showers from {gen.name} v{gen.version} ({gen.providers[0]}) -> {out_h5}")
 
 
 @main.command("mlflow")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0: the network).")
-@click.option("--port", default=5000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--backend-store-uri", default=None, help="sqlite:///... or postgresql://... (default: ./mlflow.db).")
 @click.option("--artifacts-destination", default=None, help="Where artifacts are kept (default: ./mlartifacts).")
 def mlflow_server(host, port, backend_store_uri, artifacts_destination) -> None:
@@ -518,15 +559,18 @@ def models(pattern, timeout) -> None:
               help="Campaign folder: one <region>.h5 per region (calozoo simulate writes one).")
 @click.option("--regions", "patterns", multiple=True, help="Region name or glob (repeatable; default: all).")
 @click.option("-o", "--out", "out_dir", default=None, help="Fleet folder on shared storage (default: out/fleet/MODEL).")
-@click.option("--workers", default=2, show_default=True, help="Ray Train workers (one GPU each with --gpu).")
-@click.option("--cpus-per-worker", default=1, show_default=True, help="CPUs (and torch threads) of a CPU worker.")
+@click.option("--workers", type=click.IntRange(1, 4096), default=2, show_default=True,
+              help="Ray Train workers (one GPU each with --gpu).")
+@click.option("--cpus-per-worker", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="CPUs (and torch threads) of a CPU worker.")
 @click.option("--gpu", is_flag=True, help="One GPU per worker.")
 @click.option("--address", default=None, help="Ray cluster address (default: a local Ray, or RAY_ADDRESS).")
-@click.option("--max-failures", default=3, show_default=True, help="Worker failures to recover from.")
+@click.option("--max-failures", type=click.IntRange(0, 4096), default=3, show_default=True,
+              help="Worker failures to recover from.")
 @_training_options(device=False)
 @_split_options
 @_model_options
-@click.option("--bank-size", default=64, show_default=True,
+@click.option("--bank-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="At most this many regions of one voxel count per bank (on a CPU, fewer for big regions).")
 @click.option("--init", "init_checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Start every region from this checkpoint (a Reptile meta-initialisation): a meta-adapted fleet.")
@@ -542,7 +586,8 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
     from calozoo.tracked import run_labels, run_tracked_fleet
     from showers.campaign import list_regions
     from showers.errors import ShowerDataError
-    from trainers.fleet import FleetConfig, check_config, run_fleet
+    from showers.lock import writer_lock
+    from trainers.fleet import FleetConfig, FleetProgress, check_config, run_fleet
 
     try:
         cfg = FleetConfig(model=model_name, data_dir=data_dir, out_dir=out_dir or f"out/fleet/{model_name}",
@@ -559,11 +604,13 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
     click.echo(f"fleet of {len(cfg.regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")
     run = dict(num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
                threads_per_worker=cpus_per_worker)
-    if use_mlflow:
-        # the same campaign name as `calozoo train` on the same data (its files' campaign or detector)
-        summary, _ = run_tracked_fleet(cfg, campaign=campaign or run_labels(data_dir)[0], plots=plots, **run)
-    else:
-        summary = run_fleet(cfg, **run)
+    # one fleet per folder, from before its MLflow run starts; the regions' iterations as they happen
+    with writer_lock(cfg.out_dir, "fleet folder"), FleetProgress(cfg.out_dir, list(cfg.regions), train.iterations):
+        if use_mlflow:
+            # the same campaign name as `calozoo train` on the same data (its files' campaign or detector)
+            summary, _ = run_tracked_fleet(cfg, campaign=campaign or run_labels(data_dir)[0], plots=plots, **run)
+        else:
+            summary = run_fleet(cfg, **run)
     done = {r: b for r, b in summary["regions"].items() if b}
     click.echo(f"{len(done)}/{len(cfg.regions)} regions trained in {summary['seconds']:.0f} s")
     for r, b in sorted(done.items()):
@@ -580,11 +627,13 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
 @click.argument("model_name", metavar="MODEL", required=False)
 @click.option("--data", "data_path", type=click.Path(exists=True), help="CaloChallenge HDF5 file (or folder).")
 @click.option("--mode", type=click.Choice(["grid", "asha"]), default="asha", show_default=True)
-@click.option("--num-samples", default=8, show_default=True, help="ASHA: trials sampled from the space.")
+@click.option("--num-samples", type=click.IntRange(1, 100_000), default=8, show_default=True,
+              help="ASHA: trials sampled from the space.")
 @click.option("--metric", type=click.Choice(["criterion", "chi2_sum", "sep_power", "etot_shift"]), default="criterion",
               show_default=True, help="criterion: the best-epoch metric (E_tot, layers, shape); etot_shift does not "
               "saturate early in training (short ASHA rungs).")
-@click.option("--grace-period", default=1, show_default=True, help="ASHA: first rung, in checkpoints.")
+@click.option("--grace-period", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
+              help="ASHA: first rung, in checkpoints.")
 @click.option("--reduction-factor", default=2.0, show_default=True, help="ASHA: keep 1/this of the trials per rung.")
 @click.option("--space", "spaces", multiple=True, metavar="KEY=JSON",
               help="Candidates of a field, e.g. learning_rate=[1e-4,2e-4] (repeatable; others keep the family's).")
@@ -597,32 +646,51 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
 @click.option("--address", default=None, help="Ray cluster address (default: a local Ray).")
 @click.option("-o", "--out", "out_dir", default=None, help="Sweep folder (default: out/tune/MODEL-MODE).")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Resume the interrupted sweep in this folder (finished trials are not repeated).")
+              help="Resume the interrupted sweep in this folder (finished trials are not repeated); only a sweep "
+                   "your calozoo wrote and signed is resumed (docs/security.md).")
+@click.option("--from", "from_json", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Start a new sweep with the settings of a sweep's sweep.json (plain JSON; MODEL, --data and the "
+                   "search options come from it), into -o.")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
 def tune(model_name, data_path, mode, num_samples, metric, grace_period, reduction_factor, spaces, only_given, train,
-         split, cpus_per_trial, gpus_per_trial, address, out_dir, resume_dir, use_mlflow) -> None:
+         split, cpus_per_trial, gpus_per_trial, address, out_dir, resume_dir, from_json, use_mlflow) -> None:
     """Search MODEL's hyper-parameters with Ray Tune (grid or ASHA); writes OUT/best.json, which
     `calozoo train --config` and `calozoo fleet --config` take."""
     import dataclasses
 
     from calozoo.tracked import resume_tracked_sweep, run_tracked_sweep
-    from tune.sweep import SweepConfig, resume_sweep, run_sweep
+    from showers.lock import writer_lock
+    from tune.sweep import SweepConfig, check_config, check_resumable, load_config, resume_sweep, run_sweep
 
+    if resume_dir and (from_json or model_name or data_path):
+        raise click.UsageError("--resume FOLDER takes everything from the folder: give no MODEL, --data or --from")
     try:
-        if resume_dir and use_mlflow:  # into the runs it was tracked in, if it was
-            result, _ = resume_tracked_sweep(resume_dir, address=address)
-        elif resume_dir:
-            result = resume_sweep(resume_dir, address)
+        if resume_dir:
+            check_resumable(resume_dir)  # before anything is written into it (docs/security.md)
+            with writer_lock(resume_dir, "sweep folder"):  # one writer, from before its MLflow runs resume
+                if use_mlflow:  # into the runs it was tracked in, if it was
+                    result, _ = resume_tracked_sweep(resume_dir, address=address)
+                else:
+                    result = resume_sweep(resume_dir, address)
         else:
-            if not model_name or not data_path:
-                raise click.UsageError("give MODEL and --data (or --resume FOLDER)")
-            space = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in _overrides(spaces).items()}
-            cfg = SweepConfig(model=model_name, data=data_path, out_dir=out_dir or f"out/tune/{model_name}-{mode}",
-                              mode=mode, space=space, only_given=only_given, num_samples=num_samples, metric=metric,
-                              grace_period=grace_period, reduction_factor=reduction_factor,
-                              train=dataclasses.replace(train, progress=False), split=split,
-                              cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-            result = run_tracked_sweep(cfg, address=address)[0] if use_mlflow else run_sweep(cfg, address)
+            if from_json:
+                if model_name or data_path:
+                    raise click.UsageError("--from SWEEP_JSON takes MODEL and --data from the file: give neither")
+                cfg = load_config(from_json)
+                cfg = dataclasses.replace(cfg, out_dir=out_dir or f"out/tune/{cfg.model}-{cfg.mode}")
+            else:
+                if not model_name or not data_path:
+                    raise click.UsageError("give MODEL and --data (or --resume FOLDER, or --from SWEEP_JSON)")
+                space = {k: list(v) if isinstance(v, (list, tuple)) else [v]
+                         for k, v in _overrides(spaces, "--space").items()}
+                cfg = SweepConfig(model=model_name, data=data_path, out_dir=out_dir or f"out/tune/{model_name}-{mode}",
+                                  mode=mode, space=space, only_given=only_given, num_samples=num_samples,
+                                  metric=metric, grace_period=grace_period, reduction_factor=reduction_factor,
+                                  train=dataclasses.replace(train, progress=False), split=split,
+                                  cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+            check_config(cfg)  # the candidates, the split, the folder: before an MLflow run or Ray starts
+            with writer_lock(cfg.out_dir, "sweep folder"):
+                result = run_tracked_sweep(cfg, address=address)[0] if use_mlflow else run_sweep(cfg, address)
     except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     best = result.best
@@ -667,14 +735,15 @@ def _validate_options(classifier: str):
                      help="Classifier size: official (the CaloChallenge evaluator's 3x2048 network, float64, 50 "
                           "epochs), small, tiny (tests), none; auto: official on a readout with the evaluator's "
                           "binning, else small."),
-        click.option("--epochs", type=int, default=None, help="Override the classifier's number of epochs."),
-        click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+        click.option("--epochs", type=click.IntRange(1, 10_000), default=None,
+                     help="Override the classifier's number of epochs."),
+        click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
                      help="Runs of each classifier with different seeds: the report gives their mean and spread."),
         click.option("--dataset", type=click.Choice(["auto", "1-photons", "1-pions", "2", "3", "none"]), default="auto",
                      show_default=True, help="Whose CaloChallenge binning and voxel threshold (auto: from the readout)."),
         click.option("--floor/--no-floor", default=True, show_default=True,
                      help="The reference against itself at the generated sample's size, where it has twice as many."),
-        click.option("--max-showers", type=_POSITIVE, default=50_000, show_default=True,
+        click.option("--max-showers", type=_SHOWERS, default=50_000, show_default=True,
                      help="At most this many showers per file."),
         click.option("--per-layer/--no-per-layer", default=True, show_default=True,
                      help="Histogram every layer's features on the reference's binning too, and draw them."),

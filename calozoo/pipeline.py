@@ -98,41 +98,6 @@ class _Stages:
         return time.perf_counter() - self.t0
 
 
-class _FleetProgress:
-    """A progress bar for a fleet running on Ray Train workers: the iterations every region has
-    reached, from the ``progress.json`` its training writes every two seconds to the shared storage."""
-
-    def __init__(self, fleet_dir: Path, regions: list[str], iterations: int, every: float = 1.0):
-        import threading
-
-        self.dirs = [fleet_dir / r for r in regions]
-        self.total, self.every = iterations * len(regions), every
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _done(self) -> int:
-        from trainers.loop import read_progress
-
-        return sum(read_progress(d) for d in self.dirs)
-
-    def _run(self) -> None:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=self.total, desc="fleet: iterations of all regions", unit="it") as bar:
-            while not self.stop.wait(self.every):
-                bar.update(self._done() - bar.n)  # the regions' progress.json, every second
-            bar.update(self._done() - bar.n)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=10)
-        return False
-
-
 _HEADS = {"max_sep_power_etot_per_energy": "E_tot sep. power (worst energy)", "max_long_rel": "longitudinal Δ",
           "max_rad_rel": "radial Δ"}
 
@@ -178,7 +143,7 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
     from showers.localray import init_ray
     from showers.plots import plot_file
     from trainers.data import DataSplit
-    from trainers.fleet import FleetConfig
+    from trainers.fleet import FleetConfig, FleetProgress
     from trainers.loop import TrainConfig
     from tune.sweep import SweepConfig, load_best
     from validate.report import ValidateConfig, read_sample, validate_samples
@@ -233,7 +198,7 @@ def run_demo(out_dir="out/demo", scale: str | DemoScale = "demo", *, echo=print,
                            split=DataSplit(min_per_energy=sc.min_val_per_energy),
                            train=TrainConfig(iterations=sc.fleet_iterations, checkpoint_every=sc.fleet_checkpoint_every,
                                              progress=False))
-        with _FleetProgress(fleet_dir, names, sc.fleet_iterations):
+        with FleetProgress(fleet_dir, names, sc.fleet_iterations):
             summary, fleet_run = run_tracked_fleet(fcfg, campaign=campaign, uri=uri, plots=sc.plots,
                                                    num_workers=sc.workers)
         missing = [n for n, b in summary["regions"].items() if not b]

@@ -54,11 +54,18 @@ def cache_dir() -> Path:
 MAX_NAME = 256
 
 
+#: what a registered name is made of (``registered_name``'s parts joined by dots)
+_NAME = re.compile(r"[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*")
+
+
 def check_name(name: str) -> str:
     """``name`` if it can be a registered model's name, else RegistryError "invalid model name ...".
 
-    Refused: the empty name, ``.`` and ``..`` (they would map to folders outside the model cache),
-    names longer than MAX_NAME characters, and names with control characters or path separators."""
+    A name is letters, digits, ``_`` and ``-`` in dot-separated parts (``CAMPAIGN.FAMILY.REGION``, what
+    ``registered_name`` makes), at most MAX_NAME characters; anything else is refused by name, before
+    the cache or the registry is asked: a name with a space or a colon is not a near miss to be served
+    from a registered model's cache folder, and ``.``, ``..`` or a path separator would map outside
+    the cache."""
     shown = name if len(name) <= 60 else f"{name[:40]}... ({len(name)} characters)"
     if not name or name in (".", "..") or set(name) <= {"."}:
         why = "a model name cannot be empty or only dots ('.', '..')"
@@ -66,6 +73,10 @@ def check_name(name: str) -> str:
         why = f"at most {MAX_NAME} characters"
     elif any(ord(c) < 32 or c in "/\\\x7f" for c in name):
         why = "no control characters, '/' or '\\'"
+    elif not _NAME.fullmatch(name):
+        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "_-."))})
+        why = (f"only letters, digits, '_' and '-' in dot-separated parts, not {' '.join(map(repr, bad))}" if bad
+               else "only letters, digits, '_' and '-' in dot-separated parts (no empty part)")
     else:
         return name
     raise RegistryError(f"invalid model name {shown!r}: {why} (registered names are CAMPAIGN.FAMILY.REGION)")
@@ -169,13 +180,17 @@ def _download(client, name: str, version: str, dest: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _cached(dest: Path, source: str | None = None) -> Path | None:
-    """The cached ONNX file of ``dest`` if it is intact (and, given ``source``, was pulled from that
-    artifact: a store recreated at the same URI, e.g. a rerun demo, reuses names and versions)."""
+def _cached(dest: Path, source: str | None = None, name: str | None = None) -> Path | None:
+    """The cached ONNX file of ``dest`` if it is intact and holds the model ``name`` (and, given
+    ``source``, was pulled from that artifact: a store recreated at the same URI, e.g. a rerun demo,
+    reuses names and versions)."""
     meta, onnx_file = dest / "meta.json", dest / "model.onnx"
     if not (meta.exists() and onnx_file.exists()):
         return None
     info = json.loads(meta.read_text())
+    if name is not None and info.get("name") != name:  # one folder, one name (a case-insensitive disk...)
+        log.warning("%s holds %r, not %r: not served for it", dest, info.get("name"), name)
+        return None
     if info.get("sha256") != _sha256(onnx_file):
         log.warning("%s: cached model does not match its checksum; pulling it again", onnx_file)
         return None
@@ -186,9 +201,10 @@ def _cached(dest: Path, source: str | None = None) -> Path | None:
 
 
 def _cache_root(name: str) -> Path:
-    """The cache folder of a model name: always a folder directly inside :func:`cache_dir`."""
+    """The cache folder of a model name: the name itself (so two names never share a folder), always
+    a folder directly inside :func:`cache_dir`."""
     base = cache_dir()
-    root = base / re.sub(r"[^\w.\-]+", "_", check_name(name))
+    root = base / check_name(name)
     if root.name in ("", ".", "..") or root.resolve().parent != base.resolve():
         raise RegistryError(f"invalid model name {name!r}: it maps outside the model cache {base}")
     return root
@@ -201,7 +217,7 @@ def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=N
     aliases_file = root / "aliases.json"
     remembered = json.loads(aliases_file.read_text()) if aliases_file.exists() else {}
     client = None
-    if version is not None and _cached(root / f"v{version}") is not None:
+    if version is not None and _cached(root / f"v{version}", name=name) is not None:
         pass  # a pinned version is immutable: the cache is enough
     elif offline:
         if alias is not None:
@@ -218,7 +234,7 @@ def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=N
             raise
         except Exception as exc:
             fallback = remembered.get(alias) if alias else version
-            if fallback is None or _cached(root / f"v{fallback}") is None:
+            if fallback is None or _cached(root / f"v{fallback}", name=name) is None:
                 raise RegistryError(f"cannot reach the registry at {tracking_uri(uri)} ({_first_line(exc)}) and "
                                     f"{ref} is not in the cache {root}") from None
             log.warning("registry at %s unreachable (%s): using the cached %s v%s", tracking_uri(uri),
@@ -238,7 +254,7 @@ def pull(ref: str, *, uri: str | None = None, offline: bool = False, providers=N
                 source = client.get_model_version(name, version).source
         except Exception:  # noqa: BLE001 - the cached copy (if any) is still checked by its checksum
             source = None
-    onnx_file = _cached(dest, source)
+    onnx_file = _cached(dest, source, name)
     if onnx_file is None:
         if client is None:
             raise RegistryError(f"{name} v{version} is not in the cache {root} and the registry is not reachable")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrackedRun", "artifact_location", "flush_pending", "get_client", "get_experiment_id",
+__all__ = ["TrackedRun", "artifact_location", "check_store", "flush_pending", "get_client", "get_experiment_id",
            "pending_count", "quick_http", "recorded_run", "tracking_uri"]
 
 log = logging.getLogger("calozoo.registry")
@@ -91,10 +91,30 @@ def fluent_uri(uri: str):
                 os.environ[k] = v
 
 
+def check_store(uri: str | None = None) -> str:
+    """The tracking URI, if its store can be what it says: a ``sqlite:///PATH`` whose PATH exists must be
+    an SQLite database and its folder must exist, else ValueError naming both (sqlalchemy's own error is
+    a traceback "file is not a database"). Other stores (a server, PostgreSQL) are checked by use."""
+    uri = tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if path.is_dir():
+            raise ValueError(f"tracking URI {uri}: {path} is a folder, not an SQLite database file")
+        if not path.parent.is_dir():
+            raise ValueError(f"tracking URI {uri}: the folder of its database, {path.parent}, does not exist")
+        if path.is_file() and path.stat().st_size > 0:
+            with path.open("rb") as f:
+                head = f.read(16)
+            if head != b"SQLite format 3\x00":
+                raise ValueError(f"tracking URI {uri}: {path} is not an SQLite database (it starts with "
+                                 f"{head[:8]!r}); give another --tracking-uri or MLFLOW_TRACKING_URI")
+    return uri
+
+
 def get_client(uri: str | None = None):
     from mlflow import MlflowClient
 
-    uri = tracking_uri(uri)
+    uri = check_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -20,6 +20,7 @@ from showers.atomic import remove_stale
 from showers.detector import Region
 from showers.errors import ShowerDataError
 from showers.formats import CaloChallengeWriter, file_attrs
+from showers.progress import progress as progress_display
 
 __all__ = ["CampaignSpec", "list_regions", "region_path", "simulate_region", "run_campaign", "FASTCALOGAN_ENERGIES_MEV"]
 
@@ -124,13 +125,12 @@ def simulate_region(region: Region, out_dir, spec: CampaignSpec, overwrite: bool
 def run_campaign(regions: list[Region], out_dir, spec: CampaignSpec, address: str | None = None,
                  use_ray: bool = True, overwrite: bool = False, progress: bool = True,
                  num_cpus: int | None = None) -> list[dict]:
-    """Simulate ``regions`` into ``out_dir``, one Ray task per region, with a progress bar.
+    """Simulate ``regions`` into ``out_dir``, one Ray task per region, with its progress
+    (``showers.progress``: a bar on a terminal, plain lines in a log).
 
     address: a Ray cluster address ("auto", "ray://host:10001"); None starts a local Ray.
     use_ray: False runs the regions one after the other in this process (debugging, tiny jobs).
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir, "*.h5.*")  # the temporary files of a campaign killed here before
@@ -146,15 +146,14 @@ def run_campaign(regions: list[Region], out_dir, spec: CampaignSpec, address: st
         from showers.localray import init_ray
 
         started = init_ray(address, num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
-    bar = tqdm(total=len(regions), initial=len(results), desc="simulating regions", unit="region",
-               disable=not progress)
-    if started is not None:
-        results += _run_ray(todo, out_dir, spec, overwrite, bar, shutdown=started)
-    else:
-        for region in todo:
-            results.append(simulate_region(region, out_dir, spec, overwrite))
-            bar.update(1)
-    bar.close()
+    with progress_display(len(regions), "simulating regions", "region", initial=len(results),
+                          disable=not progress) as bar:
+        if started is not None:
+            results += _run_ray(todo, out_dir, spec, overwrite, bar, shutdown=started)
+        else:
+            for region in todo:
+                results.append(simulate_region(region, out_dir, spec, overwrite))
+                bar.update(1)
     return sorted(results, key=lambda r: r["region"])
 
 

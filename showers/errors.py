@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ShowerDataError"]
+__all__ = ["ShowerDataError", "WriteError"]
 
 
 class ShowerDataError(ValueError):
@@ -20,3 +20,20 @@ class ShowerDataError(ValueError):
         self.problem = problem
         where = self.source if dataset is None else f"{self.source} [{dataset}]"
         super().__init__(f"{where}: {problem}")
+
+
+class WriteError(OSError):
+    """A file that could not be written: a full disk, a quota, an I/O error. The message is one line
+    naming the file, the operating system's reason and what was done about it."""
+
+    def __init__(self, path, cause: BaseException, what: str = ""):
+        errno_ = getattr(cause, "errno", None)
+        lines = str(cause).strip().splitlines()
+        reason = getattr(cause, "strerror", None) or (lines[0] if lines else type(cause).__name__)
+        super().__init__(errno_, reason)
+        self.filename = str(path)
+        self.message = f"{path}: cannot write ({reason}" + (f", errno {errno_}" if errno_ else "") + ")" + \
+            (f" while {what}" if what else "")
+
+    def __str__(self) -> str:
+        return self.message

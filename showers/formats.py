@@ -31,20 +31,23 @@ EDM4hep ROOT (key4hep / ddsim output)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from showers.atomic import remove_stale, tmp_path
-from showers.errors import ShowerDataError
+from showers.atomic import GuardedFile, remove_stale, tmp_path
+from showers.errors import ShowerDataError, WriteError
 from showers.readout import Readout, get_readout, list_readouts
 
 __all__ = [
     "CaloChallengeWriter",
+    "check_disk",
     "check_memory",
     "check_output_path",
     "file_attrs",
@@ -215,6 +218,15 @@ def check_output_path(path) -> Path:
     return path
 
 
+def check_disk(path, n_bytes: int, what: str) -> None:
+    """Refuse to write ``n_bytes`` (uncompressed) into ``path`` when its file system has less free space,
+    saying how much is needed and how much there is, before the work that produces them starts."""
+    free = shutil.disk_usage(Path(path).parent if str(Path(path).parent) else ".").free
+    if n_bytes > free:
+        raise ShowerDataError(path, f"{what} need up to {n_bytes / 2**30:.3g} GiB (uncompressed), and its file "
+                              f"system has {free / 2**30:.3g} GiB free: ask for fewer (-n), or write elsewhere (-o)")
+
+
 def available_memory() -> int:
     """Bytes of memory available to a new allocation (MemAvailable, else free pages)."""
     try:
@@ -277,6 +289,27 @@ def _dataset(f: h5py.File, name: str, path) -> h5py.Dataset:
     if not isinstance(obj, h5py.Dataset):
         raise ShowerDataError(path, f"{name!r} is a group, not a dataset", name)
     return obj
+
+
+def _check_stored(ds: h5py.Dataset, path) -> None:
+    """Refuse a dataset whose header claims more rows than the file stores: HDF5 hands back its fill
+    value for rows never written, and a file whose header claims 10^8 showers (a few kB on disk) would
+    be read, plotted or trained on as if its fill values were showers."""
+    if ds.shape[0] == 0 or ds.is_virtual or ds.external:
+        return
+    if ds.chunks is None:  # contiguous or compact: allocated whole when written, else not at all
+        if ds.id.get_storage_size() < ds.size * ds.dtype.itemsize:
+            raise ShowerDataError(path, f"its header claims {ds.shape[0]:,} rows but the file stores none of them "
+                                  "(the values would be HDF5's fill value, not showers)", ds.name.lstrip("/"))
+        return
+    per_rows = math.prod(-(-n // c) for n, c in zip(ds.shape[1:], ds.chunks[1:]))  # chunks across a row
+    need = -(-ds.shape[0] // ds.chunks[0]) * per_rows
+    have = ds.id.get_num_chunks()
+    if have < need:
+        rows = have // per_rows * ds.chunks[0]
+        raise ShowerDataError(path, f"its header claims {ds.shape[0]:,} rows but the file stores {have:,} of the "
+                              f"{need:,} chunks they need (about {rows:,} rows): the rest would be HDF5's fill value, "
+                              "not showers (an interrupted write, or a forged header)", ds.name.lstrip("/"))
 
 
 def _read(ds: h5py.Dataset, sl, path) -> np.ndarray:
@@ -397,14 +430,21 @@ class CaloChallengeWriter:
 
         # A unique name, so two writers of the same path cannot clobber each other's temporary file;
         # the same directory, so the final os.replace is an atomic rename. (Not mkstemp: its 0600
-        # permissions would stick to the final file; h5py creates it with the umask's.) Those of
+        # permissions would stick to the final file; open() creates it with the umask's.) Those of
         # this path that a killed writer of this host left are removed first.
         check_output_path(self.path)
         remove_stale(self.path.parent, self.path.name + ".*")
         self._tmp = tmp_path(self.path)
-        self._f = None
+        self._f = self._io = None
         try:
-            self._f = h5py.File(self._tmp, "w-")
+            # HDF5 writes through a GuardedFile (h5py's fileobj driver), which keeps the operating
+            # system's refusals (a full disk, ...) from it: when a write fails inside libhdf5 2.0, the
+            # close of the dataset being written fails too, frees the dataset and leaves its
+            # identifier registered, so the next close of it (at the file's close, or the dataset
+            # object's finaliser at exit) is a segmentation fault. With every failure kept from
+            # HDF5, every close succeeds and the writer raises the refusal itself, between HDF5 calls.
+            self._io = GuardedFile(open(self._tmp, "x+b", buffering=0))
+            self._f = h5py.File(self._io, "w", driver="fileobj")
             opts = dict(compression="gzip", compression_opts=compression_level, shuffle=True)
             self._e = self._f.create_dataset(INCIDENT, shape=(0, 1), maxshape=(None, 1), dtype=np.float64,
                                              chunks=(max(chunk_rows, 4096), 1), **opts)
@@ -412,8 +452,11 @@ class CaloChallengeWriter:
                                              dtype=self.dtype, chunks=(chunk_rows, self.n_voxels), **opts)
             for k, v in encoded.items():
                 self._f.attrs[k] = v
+            self._check_io()
         except OSError as exc:
             self._abort()
+            if isinstance(exc, WriteError):
+                raise
             raise ShowerDataError(self.path, f"cannot create {self._tmp.name}: {exc}") from exc
         except BaseException:
             self._abort()
@@ -421,6 +464,8 @@ class CaloChallengeWriter:
 
     def append(self, incident_energies_mev, showers_mev) -> None:
         """Add showers: incident energies (n,) or (n, 1) MeV and showers (n, n_voxels) MeV."""
+        if self._f is None:
+            raise ShowerDataError(self.path, "the writer is closed (an earlier error, or close())")
         E = np.asarray(incident_energies_mev, dtype=np.float64).reshape(-1)
         X = np.asarray(showers_mev)
         if X.ndim != 2 or X.shape[1] != self.n_voxels:
@@ -433,35 +478,60 @@ class CaloChallengeWriter:
         n0, n = self.n_rows, X.shape[0]
         if n == 0:
             return
-        self._e.resize(n0 + n, axis=0)
-        self._x.resize(n0 + n, axis=0)
-        self._e[n0:] = E[:, None]
-        self._x[n0:] = X.astype(self.dtype, copy=False)
+        try:
+            self._e.resize(n0 + n, axis=0)
+            self._x.resize(n0 + n, axis=0)
+            self._e[n0:] = E[:, None]
+            self._x[n0:] = X.astype(self.dtype, copy=False)
+            self._check_io()
+        except BaseException:
+            self._abort()
+            raise
         self.n_rows = n0 + n
 
     def __len__(self) -> int:
         return self.n_rows
 
     def close(self) -> None:
-        """Finish the file and move it into place (atomic rename)."""
+        """Finish the file and move it into place (atomic rename, once its data are on disk)."""
         if self._f is None:
             return
         try:
-            self._f.close()
-            self._f = None
+            self._drop_datasets()
+            f, self._f = self._f, None
+            f.close()
+            self._check_io()
+            self._io.sync()  # a file system that reports a full disk only at fsync (NFS, delayed allocation)
+            self._check_io()
+            self._io.close()
+            self._io = None
             os.replace(self._tmp, self.path)
         except BaseException:
             self._abort()
             raise
 
+    def _check_io(self) -> None:
+        """Raise :class:`~showers.errors.WriteError` if the operating system refused a write."""
+        if self._io is not None and self._io.error is not None:
+            exc = self._io.error
+            raise WriteError(self.path, exc, f"writing {self._tmp.name}; it was removed and nothing was written")
+
+    def _drop_datasets(self) -> None:
+        # the file's own objects are released before the file is closed
+        self._e = self._x = None
+
     def _abort(self) -> None:
         """Drop the temporary file; the final path is never touched."""
+        self._drop_datasets()
         f, self._f = self._f, None
         if f is not None:
             try:
                 f.close()
             except Exception:  # noqa: BLE001 - already failing; removing the file matters more
                 pass
+        io_, self._io = self._io, None
+        if io_ is not None:
+            io_.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> CaloChallengeWriter:
@@ -513,6 +583,8 @@ def iter_calochallenge(path, chunk_size: int = 10_000, readout=None, validate: b
         if e_ds.shape[0] != x_ds.shape[0]:
             raise ShowerDataError(path, f"{x_ds.shape[0]} showers but {e_ds.shape[0]} incident energies "
                                   f"(row counts differ)", SHOWERS)
+        _check_stored(e_ds, path)
+        _check_stored(x_ds, path)
         if readout is None:
             readout = _attr_readout(f.attrs, path)
         if readout is not None:

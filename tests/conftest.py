@@ -22,11 +22,12 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True, scope="session")
 def _private_stores(tmp_path_factory):
     """Nothing a test does lands in the repository or the home folder: MLflow's embedded default
-    (./mlflow.db) and the pulled-model cache point into the session's temporary folder unless a test
-    sets its own."""
+    (./mlflow.db), the pulled-model cache and calozoo's configuration folder (the sweep signing key)
+    point into the session's temporary folder unless a test sets its own."""
     root = tmp_path_factory.mktemp("stores")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     os.environ.setdefault("CALOZOO_CACHE", str(root / "cache"))
+    os.environ.setdefault("CALOZOO_CONFIG_DIR", str(root / "config"))
     yield
 
 

@@ -116,6 +116,22 @@ def inp(tmp_path_factory):
     onnx_file = export_onnx(model, version / "model.onnx", export_metadata(model, state, name="c.fastcalogan.r"))
     (version / "meta.json").write_text(json.dumps({"name": "c.fastcalogan.r", "version": "1", "source": "planted",
                                                    "sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest()}))
+    # the same model cached under a name one character away from a registered one ('_' for a space), and
+    # under another name than the one its meta.json records (two names onto one folder)
+    for folder in ("c.fastcalogan.r_x", "c.fastcalogan.q"):
+        shutil.copytree(version, d / "cache" / folder / "v1")
+    meta = json.loads((d / "cache" / "c.fastcalogan.r_x" / "v1" / "meta.json").read_text())
+    (d / "cache" / "c.fastcalogan.r_x" / "v1" / "meta.json").write_text(json.dumps({**meta,
+                                                                                   "name": "c.fastcalogan.r_x"}))
+    # a file whose header claims 10^8 showers with plausible fill values, a few kB on disk
+    with h5py.File(d / "claims.h5", "w") as f:
+        f.create_dataset("incident_energies", shape=(10**8, 1), dtype="f8", chunks=(4096, 1), fillvalue=8192.0)
+        f.create_dataset("showers", shape=(10**8, ro.n_voxels), dtype="f4", chunks=(64, ro.n_voxels), fillvalue=10.0)
+        f.attrs["readout"] = ro.to_json()
+    (d / "best_list.json").write_text(json.dumps({"model": "fastcalogan", "overrides": [["learning_rate", 1e-4]]}))
+    (d / "not_a_db.db").write_text("a text file, not an SQLite database\n")
+    (d / "sweep_settings.json").write_text(json.dumps({"model": "fastcalogan", "data": str(d / "gone.h5"),
+                                                       "out_dir": str(d / "elsewhere"), "mode": "grid"}))
     # a sweep folder with a planted pickle that others may write
     sweep = d / "sweep"
     (sweep / "tune").mkdir(parents=True)
@@ -209,7 +225,7 @@ CLI_CASES = {
     "train_incident_in_gev": (["train", "fastcalogan", "--data", "{d}/gev_incident.h5", "--no-mlflow", "-o", TMP],
                               ["gev_incident.h5", "looks like GeV"]),
     "train_fill_values": (["train", "fastcalogan", "--data", "{d}/fill.h5", "--no-mlflow", "-o", TMP],
-                          ["fill.h5", "zero or negative incident energies"]),
+                          ["fill.h5", "claims 20,000 rows", "fill value"]),
     "train_empty_folder": (["train", "fastcalogan", "--data", "{d}/empty_dir", "--no-mlflow", "-o", TMP],
                            ["empty_dir", "no *.h5"]),
     "train_missing_data": (["train", "fastcalogan", "--data", "{d}/nothere.h5"], ["nothere.h5", "does not exist"]),
@@ -267,19 +283,22 @@ CLI_CASES = {
     # show: the same validated reader as train
     "show_negative_voxels": (["show", "{d}/negative.h5", "-o", "{tmp}/p.png"], ["negative.h5", "negative"]),
     "show_gev": (["show", "{d}/gev_both.h5", "-o", "{tmp}/p.png"], ["gev_both.h5", "looks like GeV"]),
-    "show_fill_values": (["show", "{d}/fill.h5", "-o", "{tmp}/p.png"], ["fill.h5", "zero or negative"]),
+    "show_fill_values": (["show", "{d}/fill.h5", "-o", "{tmp}/p.png"],
+                         ["fill.h5", "claims 20,000 rows", "fill value"]),
     "show_empty": (["show", "{d}/empty.h5", "-o", "{tmp}/p.png"], ["empty.h5", "no showers"]),
     "show_truncated": (["show", "{d}/truncated.h5", "-o", "{tmp}/p.png"], ["truncated.h5", "truncated HDF5"]),
-    "show_max_showers_0": (["show", "{d}/good.h5", "--max-showers", "0"], ["max-showers", "x>=1"]),
+    "show_max_showers_0": (["show", "{d}/good.h5", "--max-showers", "0"], ["max-showers", "1<=x"]),
     # validate
     "validate_huge_reference": (["validate", "{d}/good.h5", "{d}/fill.h5", "-o", TMP, "--classifier", "none",
-                                 "--no-distances"], ["fill.h5", "zero or negative incident energies"]),
+                                 "--no-distances"], ["fill.h5", "fill value"]),
     # a file that claims 10^9 showers: validate reads only the rows it keeps (strided), never the claim
-    "validate_huge_n": (["validate", "{d}/good.h5", "{d}/huge.h5", "-o", TMP], ["huge.h5", "zero or negative"]),
+    "validate_huge_n": (["validate", "{d}/good.h5", "{d}/huge.h5", "-o", TMP],
+                        ["huge.h5", "claims 1,000,000,000 rows", "fill value"]),
     "validate_truncated": (["validate", "{d}/truncated.h5", "{d}/good.h5", "-o", TMP],
                            ["truncated.h5", "truncated HDF5"]),
     "validate_gev_reference": (["validate", "{d}/good.h5", "{d}/gev_both.h5", "-o", TMP], ["gev_both.h5", "GeV"]),
-    "validate_max_showers_0": (["validate", "{d}/good.h5", "{d}/good.h5", "--max-showers", "0"], ["max-showers", "x>=1"]),
+    "validate_max_showers_0": (["validate", "{d}/good.h5", "{d}/good.h5", "--max-showers", "0"],
+                               ["max-showers", "1<=x"]),
     # registry and tracking
     "mlflow_sync_empty_folder": (["mlflow-sync", "{d}/empty_dir"], ["empty_dir", "not a tracked run folder"]),
     "tune_resume_planted_pickle": (["tune", "--resume", "{d}/sweep", "--no-mlflow"],
@@ -292,6 +311,60 @@ CLI_CASES = {
     "generate_geometry_not_conditioned": (["generate", "c.fastcalogan.r@1", "--offline", "--energies", "4",
                                            "--geometry", "SiW", "-o", "{tmp}/o.h5"],
                                           ["not conditioned on the geometry"]),
+    # issue #27: each a traceback, an unclear line or a silent acceptance before
+    "train_config_overrides_list": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                                     "--config", "{d}/best_list.json"], ["best_list.json", "'overrides' an object"]),
+    "train_tracking_uri_not_a_database": (["--tracking-uri", "sqlite:///{d}/not_a_db.db", "train", "fastcalogan",
+                                           "--data", "{d}/good.h5", "-o", TMP],
+                                          ["--tracking-uri", "not_a_db.db", "not an SQLite database"]),
+    "models_tracking_uri_not_a_database": (["--tracking-uri", "sqlite:///{d}/not_a_db.db", "models"],
+                                           ["not_a_db.db", "not an SQLite database"]),
+    "train_seed_negative": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP, "--seed=-1"],
+                            ["--seed", "-1"]),
+    "simulate_seed_negative": (["simulate", "--no-ray", "--seed", "-1", "-o", TMP], ["--seed", "-1"]),
+    "train_min_val_beyond_the_data": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                                       "--min-val-per-energy", "5000"],
+                                      ["--min-val-per-energy 5000", "good.h5", "20 showers at 2.048 GeV",
+                                       "at most 10"]),
+    "fleet_min_val_beyond_the_data": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
+                                       "--min-val-per-energy", "5000"], ["--min-val-per-energy 5000", "at most 10"]),
+    "fleet_workers_0": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP, "--workers", "0"],
+                        ["--workers", "0"]),
+    "fleet_cpus_per_worker_0": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
+                                 "--cpus-per-worker", "0"], ["--cpus-per-worker", "0"]),
+    "fleet_set_batch_size_huge": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
+                                   "--set", "batch_size=1000000000"], ["batch_size", "65,536", "1000000000"]),
+    "tune_space_not_json": (["tune", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                             "--space", "learning_rate=[1e-4,"], ["--space", "learning_rate=[1e-4,", "not valid JSON"]),
+    "tune_space_out_of_range": (["tune", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                                 "--space", "n_critic=[5,1000]"], ["n_critic", "1000", "from 1 to 100"]),
+    "tune_space_text_for_a_number": (["tune", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                                      "--space", "learning_rate=fast"], ["learning_rate", "finite number", "fast"]),
+    "tune_num_samples_0": (["tune", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                            "--num-samples", "0"], ["--num-samples", "0"]),
+    "tune_min_val_beyond_the_data": (["tune", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                                      "--min-val-per-energy", "5000"], ["--min-val-per-energy 5000", "at most 10"]),
+    "tune_from_not_a_sweep": (["tune", "--from", "{d}/not_a_db.db", "--no-mlflow", "-o", TMP],
+                              ["not_a_db.db", "not a sweep's sweep.json"]),
+    "tune_from_missing_data": (["tune", "--from", "{d}/sweep_settings.json", "--no-mlflow", "-o", TMP],
+                               ["gone.h5", "does not exist"]),
+    "tune_resume_and_model": (["tune", "fastcalogan", "--resume", "{d}/sweep", "--no-mlflow"], ["--resume", "MODEL"]),
+    "train_iterations_huge": (["train", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                               "--iterations", "1000000000000"], ["iterations", "at most 100,000,000"]),
+    "train_set_sampler_steps_huge": (["train", "flow_matching", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                                      "--set", "n_steps=100000000"], ["n_steps", "from 1 to 1,000", "100000000"]),
+    "train_set_widths_huge": (["train", "flow_matching", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
+                               "--set", "shape_widths=[256,1000000]"], ["shape_widths", "16,384"]),
+    "generate_n_beyond_the_disk": (["generate", "c.fastcalogan.r@1", "--offline", "--energies", "1,2,4,8",
+                                    "-n", "1000000000", "-o", "{tmp}/o.h5"], ["o.h5", "GiB", "free", "-n"]),
+    "generate_n_beyond_any_file": (["generate", "c.fastcalogan.r@1", "--offline", "--energies", "1",
+                                    "-n", "100000000000", "-o", "{tmp}/o.h5"], ["--n-per-energy", "100000000000"]),
+    "generate_name_with_a_space": (["generate", "c.fastcalogan.r x@1", "--offline", "--energies", "1",
+                                    "-o", "{tmp}/o.h5"], ["invalid model name", "' '"]),
+    "generate_name_with_a_colon": (["generate", "c.fastcalogan.r:x@1", "--offline", "--energies", "1",
+                                    "-o", "{tmp}/o.h5"], ["invalid model name", "':'"]),
+    "show_header_claims_1e8_rows": (["show", "{d}/claims.h5", "-o", "{tmp}/p.png"],
+                                    ["claims.h5", "claims 100,000,000 rows", "fill value"]),
     # an EDM4hep file without the hit collections asked for
     "voxelise_no_hit_collection": (["voxelise", "{d}/event.edm4hep.root", "--collections", "NoSuchHits",
                                     "-o", "{tmp}/v.h5"], ["event.edm4hep.root", "no calorimeter hit collection"]),
@@ -308,8 +381,8 @@ def test_cli_bad_input(case, inp, tmp_path, monkeypatch):
                      for part in CLI_CASES[case])
     ray_before = ray.is_initialized()
     _cli(inp, args, *needles)
-    if case.startswith("fleet_") and not ray_before:
-        assert not ray.is_initialized(), "the fleet started Ray before checking its input"
+    if case.startswith(("fleet_", "tune_")) and not ray_before:
+        assert not ray.is_initialized(), "Ray was started before the input was checked"
 
 
 def test_cli_models_with_a_dead_server(inp, tmp_path):
@@ -389,7 +462,7 @@ def _api_cases():
                                  read_strided, validate_showers)
     from trainers.data import DataSplit, load_showers
     from trainers.loop import TrainConfig
-    from tune.sweep import check_resumable
+    from tune.sweep import check_resumable, load_best
     from zoo import create_model
     from zoo.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 
@@ -421,7 +494,7 @@ def _api_cases():
         "load_showers_huge": (lambda d: load_showers(d / "huge.h5"), ShowerDataError, ["huge.h5", "memory"]),
         "load_showers_gev": (lambda d: load_showers(d / "gev_both.h5"), ShowerDataError, ["gev_both.h5", "GeV"]),
         "read_strided_fill": (lambda d: read_strided(d / "fill.h5", max_showers=100), ShowerDataError,
-                              ["fill.h5", "zero or negative"]),
+                              ["fill.h5", "fill value"]),
         "read_strided_max_0": (lambda d: read_strided(d / "good.h5", max_showers=0), ValueError, ["max_showers"]),
         "iter_step_0": (lambda d: list(iter_calochallenge(d / "good.h5", step=0)), ValueError, ["step"]),
         "validate_gev_per_energy": (
@@ -449,6 +522,21 @@ def _api_cases():
         "generate_batch_size_0": (lambda d: _fake_generator().generate([1e3], batch_size=0), ValueError,
                                   ["batch size"]),
         "resume_untrusted_sweep": (lambda d: check_resumable(d / "sweep"), ValueError, ["writable by others"]),
+        "pull_name_with_a_space": (lambda d: pull("c.fastcalogan.r x@1", offline=True), RegistryError,
+                                   ["invalid model name", "' '"]),
+        "pull_a_folder_of_another_name": (lambda d: pull("c.fastcalogan.q@1", offline=True), RegistryError,
+                                          ["c.fastcalogan.q", "not in the cache"]),
+        "model_sampler_steps_huge": (lambda d: create_model("flow_matching", n_steps=10**8), ValueError,
+                                     ["n_steps", "1,000"]),
+        "trainconfig_iterations_huge": (lambda d: TrainConfig(iterations=10**12), ValueError,
+                                        ["iterations", "at most"]),
+        "datasplit_strict_beyond_the_data": (
+            lambda d: DataSplit(min_per_energy=30, strict=True).check(np.repeat([1e3, 4e3], 40), "x.h5"),
+            ValueError, ["x.h5", "40 showers at 1 GeV", "at most 20"]),
+        "load_best_overrides_list": (lambda d: load_best(d / "best_list.json"), ValueError,
+                                     ["best_list.json", "'overrides' an object"]),
+        "read_strided_claims_1e8": (lambda d: read_strided(d / "claims.h5"), ShowerDataError,
+                                    ["claims.h5", "claims 100,000,000 rows"]),
     }
 
 

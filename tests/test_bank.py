@@ -1,7 +1,9 @@
 """Banks: K models trained in lockstep (the family's own module stacked under vmap) equal the same
-models trained one by one with the same seeds, for every registered variant; banks resume exactly;
+models trained one by one with the same seeds, for every registered variant; a bank of one is its
+model trained by hand, bit for bit, in the checkpoint layout of a bank's model; banks resume exactly;
 models of different shapes are grouped into banks of their own."""
 
+import contextlib
 import copy
 
 import numpy as np
@@ -101,19 +103,95 @@ def test_bank_gradients_equal_single_models(name):
             own = b1.batch(step)
             assert all(torch.equal(own[key][0], batch[key][j]) for key in batch)
             b1.evaluate(method, own)["loss"].sum().backward()
-            # a bias ahead of a batch norm has a gradient that cancels to rounding: its noise is
-            # measured against the model's largest gradient, everything else against its own
+            single = b1.models[0]
+            # a bias ahead of a batch norm has a gradient that cancels to rounding, and so has a first
+            # layer's weight on a constant condition (Par04's angle and geometry columns: biases too);
+            # the bank's batched products and a single model's plain ones round differently, and that
+            # noise is measured against the model's largest gradient, everything else against its own
             largest = max(float(p.grad[j].abs().max()) for p in bank.params.values() if p.grad is not None)
             for n, p in bank.params.items():
                 if p.grad is None:
-                    assert b1.params[n].grad is None
+                    assert single.get_parameter(n).grad is None
                     continue
-                atol = 1e-4 * float(p.grad[j].abs().max()) + 3e-5 * largest
-                torch.testing.assert_close(b1.params[n].grad[0], p.grad[j], rtol=0, atol=atol,
+                atol = 1e-4 * float(p.grad[j].abs().max()) + 5e-4 * largest
+                torch.testing.assert_close(single.get_parameter(n).grad, p.grad[j], rtol=0, atol=atol,
                                            msg=lambda m: f"{name} {method} model {j} {n}: {m}")
         for b in [bank, *alone]:
             for p in b.params.values():
                 p.grad = None
+
+
+def by_hand(model, data: ShowerData, seed: int, steps: int) -> None:
+    """``steps`` iterations of a loop written by hand: the model's own methods, ``torch.optim.Adam``
+    over its own parameters, batches and noise drawn from two generators seeded ``seed`` as a bank's
+    model draws them."""
+    cfg, b = model.config, model.config.batch_size
+    showers = torch.as_tensor(data.showers)
+    energy = torch.as_tensor(data.energy, dtype=torch.float32)
+    geometry = None if data.geometry is None else list(data.geometry)
+    conditions = model.encode_conditions(data.energy, data.angle, geometry, ignore_unused=True)
+    rows, noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+
+    def descend(opt, step, method):
+        idx = torch.randint(len(energy), (b,), generator=rows)
+        batch = {"showers": showers[idx], "energy": energy[idx], "conditions": conditions[idx],
+                 **model.draw_training_noise(step, b, noise)}
+        loss = getattr(model, method)(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    if model.kind == "adversarial":
+        opt_c = torch.optim.Adam(model.critic_parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+        opt_g = torch.optim.Adam(model.generator_parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+        for _ in range(steps):
+            for _ in range(cfg.n_critic):
+                descend(opt_c, "critic", "critic_loss")
+            descend(opt_g, "generator", "generator_loss")
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        for _ in range(steps):
+            descend(opt, "loss", "losses")
+
+
+def layout(x):
+    """The structure of a checkpoint part: its keys, and each tensor's shape and dtype."""
+    if isinstance(x, dict):
+        return {k: layout(v) for k, v in x.items()}
+    return (tuple(x.shape), x.dtype) if torch.is_tensor(x) else x
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_bank_of_one_is_its_model_trained_by_hand(name):
+    """A bank of one calls its module directly (no vmap): bit for bit the hand-written loop; a bank of
+    two's model 0 agrees with it as banks and single trainings agree; its checkpoint parts have the
+    layout of a bank's model, and it resumes from them bit for bit."""
+    extra = {"batch_norm": False} if name.startswith("par04") else {}  # as in the trajectories above
+    models = build(name, **extra)
+    data = [synthetic(m, 24, j) for j, m in enumerate(models[:2])]
+    hand = copy.deepcopy(models[0])
+    by_hand(hand, data[0], SEEDS[0], 3)
+    one, two = Bank([models[0]], data[:1], seeds=SEEDS[:1]), Bank(models[1:], data, seeds=SEEDS[:2])
+    two.load_model_state(0, one.model_state(0))  # model 0 of both banks starts from the same weights
+    for _ in range(3):
+        for bank in (one, two):
+            bank.step(contextlib.nullcontext)
+    state = one.model_state(0)
+    for key, value in hand.state_dict().items():
+        assert torch.equal(state[key], value), f"{name} {key}"
+    assert_parameters_agree(state, two.model_state(0), models[0].config.learning_rate, 3, f"{name} bank of two")
+    assert layout(state) == layout(two.model_state(0))
+    assert layout(one.optimiser_state(0)) == layout(two.optimiser_state(0))
+    assert layout(one.rng_state(0)) == layout(two.rng_state(0))
+    # resumed from its checkpoint parts into fresh weights, one more step equals the uninterrupted bank's
+    saved = {"model": state, "optimiser": one.optimiser_state(0), "rng": one.rng_state(0)}
+    resumed = Bank([build(name, **extra)[2]], data[:1], seeds=[0])
+    resumed.load([saved])
+    for bank in (one, resumed):
+        bank.step(contextlib.nullcontext)
+    for key, value in one.model_state(0).items():
+        assert torch.equal(resumed.model_state(0)[key], value), f"{name} resumed {key}"
 
 
 @pytest.mark.parametrize("name", list_models())

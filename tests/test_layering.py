@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -99,6 +100,12 @@ def test_the_scan_sees_local_imports_and_skips_type_checking():
         """)
     assert imported_modules(source) == [(2, "registry.pull"), (3, "typing"), (7, "zoo"), (8, "importlib"),
                                         (9, "tune.")]
+
+
+def test_the_contributing_page_states_the_same_table():
+    rows = re.findall(r"^\| `(\w+)` \| (.+?) \|$", (ROOT / "docs" / "contributing.md").read_text(), re.M)
+    stated = {package: set(re.findall(r"`(\w+)`", allowed)) for package, allowed in rows}
+    assert stated == LAYERS, "docs/contributing.md's import table differs from LAYERS"
 
 
 def test_packages_import_in_one_direction_only():

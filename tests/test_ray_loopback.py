@@ -1,8 +1,9 @@
-"""A local Ray that calozoo starts listens on loopback only (issue #15, item 2).
+"""A local Ray that calozoo starts, and the work on it, listen on loopback only (issues #15 and #27).
 
-One Ray start, in a child process (about 8 s): a campaign's Ray tasks run on it, and while it is up
-the listening sockets of every process of the Ray session (the driver's children: GCS, raylet,
-workers, agents, the minimal dashboard) are listed with ``ss -ltnup``.
+Each in a child process: a campaign's Ray tasks; a 2-worker fleet (Ray Train) and a sweep (Ray Tune)
+on one local Ray; and `calozoo mlflow`. While each runs, the listening sockets of every process
+below the child (GCS, raylet, workers, agents, the minimal dashboard, the server's workers) are
+listed with ``ss -ltnup``, and none may be beyond loopback.
 """
 
 import ipaddress
@@ -62,6 +63,20 @@ def _is_loopback(local: str) -> bool:
         return host == "localhost"
 
 
+def _run_child(script: str, tmp_path, timeout: float) -> dict:
+    """Run ``script`` in a child process and return what it printed after ``RESULT``. The child runs with
+    Ray's authentication as Ray sets it (the code must not need it off): a process that once ran a Ray
+    with token authentication keeps expecting tokens from every later local Ray's workers, so this
+    must not happen in the test session."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", script, root, str(tmp_path)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=root)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 _CHILD = """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
@@ -86,16 +101,7 @@ print("RESULT " + json.dumps({"campaign": res, "sockets": sockets, "restored": b
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 def test_local_ray_of_a_campaign_listens_on_loopback_only(tmp_path):
-    # In a child process with Ray's authentication as Ray sets it (the code must not need it off): a
-    # process that once ran a Ray with token authentication keeps expecting tokens from every later
-    # local Ray's workers, so this test must not leave that in the test session.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    root = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-c", _CHILD, root, str(tmp_path)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=root)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = _run_child(_CHILD, tmp_path, 300)
     assert "error" not in result["campaign"][0], result["campaign"]
     sockets = result["sockets"]
     names = {n for _, _, n in sockets}
@@ -110,3 +116,91 @@ def test_no_code_switches_ray_authentication_off():
     for pkg in ("showers", "zoo", "validate", "trainers", "tune", "registry", "calozoo"):
         for py in (root / pkg).rglob("*.py"):
             assert "RAY_AUTH_MODE" not in py.read_text(), py
+
+
+_WORK_CHILD = """
+import json, os, sys, threading
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import ray
+from showers.campaign import CampaignSpec, run_campaign
+from showers.detector import get_detector
+from showers.localray import init_ray
+from tests.test_ray_loopback import _children, _listening
+from trainers.data import DataSplit
+from trainers.fleet import FleetConfig, run_fleet
+from trainers.loop import TrainConfig
+from tune.sweep import SweepConfig, run_sweep
+
+out = sys.argv[2]
+run_campaign(get_detector("atlas-like").select(["photon_eta_020_025"]), out + "/data",
+             CampaignSpec((8192.0, 65536.0), 40, seed=3), use_ray=False, progress=False)
+seen, stop = {}, threading.Event()
+
+def sample():  # every listening socket of this process and its children, while the work runs
+    while not stop.is_set():
+        for s in _listening(_children(os.getpid())):
+            seen[repr(s)] = s
+        stop.wait(0.2)
+
+assert init_ray(num_cpus=2, log_to_driver=False)
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+try:
+    train, split = TrainConfig(iterations=10, checkpoint_every=10, progress=False, n_val_max=50), DataSplit(0.2, 10)
+    fleet = run_fleet(FleetConfig(model="fastcalogan", data_dir=out + "/data", out_dir=out + "/fleet",
+                                  regions=["photon_eta_020_025"], train=train, split=split,
+                                  overrides={"batch_size": 16}), num_workers=2)
+    sweep = run_sweep(SweepConfig(model="fastcalogan", data=out + "/data/photon_eta_020_025.h5", out_dir=out + "/sweep",
+                                  mode="grid", only_given=True, space={"batch_size": [16]}, train=train, split=split))
+finally:
+    stop.set()
+    sampler.join()
+    ray.shutdown()
+print("RESULT " + json.dumps({"fleet": fleet["status"], "trials": len(sweep.trials), "sockets": list(seen.values())}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.timeout(600)
+def test_a_local_fleet_and_sweep_listen_on_loopback_only(tmp_path):
+    """A 2-worker fleet (Ray Train) and a sweep (Ray Tune) on a local Ray: every socket their processes
+    listen on while they run is on loopback (the fleet's workers start no torch process group, whose
+    rendezvous store would listen on every interface)."""
+    result = _run_child(_WORK_CHILD, tmp_path, 540)
+    assert result["fleet"] == "FINISHED" and result["trials"] == 1, result
+    sockets = [tuple(s) for s in result["sockets"]]
+    assert any("raylet" in n for _, _, n in sockets), sockets
+    open_ = [s for s in sockets if not _is_loopback(s[0])]
+    assert not open_, f"listening beyond loopback while a fleet and a sweep ran: {open_}"
+
+
+def test_calozoo_mlflow_listens_on_loopback_only(tmp_path):
+    """`calozoo mlflow` (the team's tracking server) and every process it starts: loopback only."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "calozoo", "mlflow", "--port", str(port), "--backend-store-uri",
+                             f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "art")],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from registry.server import wait_for_server
+
+        wait_for_server(f"http://127.0.0.1:{port}", 120, proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+        sockets = _listening(_children(proc.pid))
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert any(f":{port}" in s[0] for s in sockets), sockets
+    open_ = [s for s in sockets if not _is_loopback(s[0])]
+    assert not open_, f"calozoo mlflow listening beyond loopback: {open_}"

@@ -1,12 +1,17 @@
-"""Every command of the README, run as written, at a reduced size (issue #16).
+"""Every command of the README and of each docs/ page, run as written, at a reduced size.
 
-The README's ``sh`` and ``python`` blocks are read in order and run one after another in a fresh folder
-(with the repository's ``.venv`` and ``tests/`` linked in, as in a clone), the way a newcomer would
-type them: ``export`` lines hold for the commands after them, a command ending in ``&`` keeps running in
-the background (the tracking server) until the end. What changes, and only this:
+A page's ``sh`` (or ``bash``, ``shell``) and ``python`` blocks are read in order and run one after
+another in a fresh folder, the way a newcomer would type them: the README's in a folder with the
+repository's ``.venv`` and ``tests/`` linked in, each docs/ page's in a folder of its own that links
+the whole checkout (as a clone after ``make install``). ``export`` lines hold for the commands after
+them, a command ending in ``&`` keeps running in the background (the tracking server) until the end.
+Every other block (``text``, ``console``, ``mermaid``, ``yaml``, ...) is illustration and is not run; a
+block must name its language. A shell block that cannot run here (a cloud account, a remote cluster)
+opens with the line ``# not run by the tests: <why>`` (:data:`NOT_RUN`): at most :data:`MAX_NOT_RUN` on a
+page, and only with the commands of :data:`NOT_RUN_COMMANDS`. What changes, and only this:
 
 - **size**: ``-n`` at most 30 showers per energy; ``train``/``fleet``/``tune`` at 20 iterations with a
-  checkpoint every 10 (added where the README leaves the defaults), FastCaloGAN's incremental step at
+  checkpoint every 10 (added where the page leaves the defaults), FastCaloGAN's incremental step at
   5, ASHA at 2 samples, one fleet worker; the 300-region ``simulate --detector atlas-like`` keeps the
   regions ``photon_eta_02*`` (two), so that the fleets, sweeps and fleet validation on them stay small;
 - **a port**: the tracking server's 5000 becomes a free port (in every command that names it);
@@ -17,11 +22,11 @@ the background (the tracking server) until the end. What changes, and only this:
   so (exit status not 0, no traceback) instead of hanging;
 - **covered elsewhere**, each named in :data:`ELSEWHERE` and checked to exist: ``make demo``
   (``tests/test_demo.py`` runs the same ``calozoo demo`` at its test scale), ``make test`` (this suite),
-  ``ray job submit`` (``tests/test_jobs.py`` submits the same fleet to a Ray head), and the
-  inference-only ``pip install`` (the packages it names must import here; ``tests/test_layering.py``
-  pulls and generates without torch or Ray).
+  ``ray job submit`` (``tests/test_jobs.py`` submits the same fleet to a Ray head), and ``pip install``:
+  of ``calozoo[inference]`` (``tests/test_packaging.py`` installs it into a fresh venv), or of packages
+  by name (they must import here; ``tests/test_layering.py`` pulls and generates without torch or Ray).
 
-A README command that is not covered by these rules fails the test, so a new one cannot slip in untried.
+A command that is not covered by these rules fails the test, so a new one cannot slip in untried.
 
 How they run: the first ``calozoo`` command through the console script (``.venv/bin/calozoo``), the
 others through the same click entry point in this test's process (``calozoo.cli.main``: torch, Ray and
@@ -40,9 +45,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -52,8 +59,6 @@ from click.testing import CliRunner
 from calozoo.cli import main
 
 from .test_registry_server import free_port
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
@@ -68,10 +73,36 @@ SIZE = {"-n": 30, "--iterations": 20, "--checkpoint-every": 10, "--incremental-e
 TRAINING = ("train", "fleet", "tune")
 
 
+#: languages of the blocks that run (the shell ones as ``sh``); every other block is illustration
+RUNNABLE = {"sh": "sh", "bash": "sh", "shell": "sh", "python": "python"}
+#: the first line of a shell block that cannot run here (docs/contributing.md, "Docs run as tests")
+NOT_RUN = "# not run by the tests:"
+#: the commands a not-run block may hold: a cloud, a remote cluster or hardware that CI does not have
+NOT_RUN_COMMANDS = ("ray up", "ray down", "ray attach", "ray dashboard", "ray exec", "ray submit", "ray rsync-up",
+                    "ray rsync-down", "ray get-head-ip", "ray job", "ray status", "ssh", "scp", "rsync", "kubectl",
+                    "aws", "gcloud", "az", "sbatch", "srun", "nvidia-smi", "export")
+#: at most this many not-run blocks on one page
+MAX_NOT_RUN = 4
+FENCE = re.compile(r"^([ \t]*)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.M | re.S)
+
+
+def fenced_blocks(path: Path) -> list[tuple[str, str]]:
+    """(language, text) of every fenced block of a Markdown page, in order (language "" if none; a
+    block indented in a list is dedented)."""
+    return [((m.group(2).split() or [""])[0].lower(), textwrap.dedent(m.group(3)))
+            for m in FENCE.finditer(path.read_text())]
+
+
+def page_blocks(path: Path) -> list[tuple[str, str]]:
+    """(``sh`` or ``python``, text) of the blocks of a page that run, in order: its shell and python
+    blocks, less the shell blocks that open with :data:`NOT_RUN`."""
+    return [(RUNNABLE[lang], text) for lang, text in fenced_blocks(path)
+            if lang in RUNNABLE and not (RUNNABLE[lang] == "sh" and text.startswith(NOT_RUN))]
+
+
 def readme_blocks() -> list[tuple[str, str]]:
-    """(language, text) of every ``sh`` and ``python`` block of the README, in order."""
-    text = (REPO / "README.md").read_text()
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"```(sh|python)\n(.*?)```", text, re.S)]
+    """(``sh`` or ``python``, text) of the README's blocks that run, in order."""
+    return page_blocks(REPO / "README.md")
 
 
 def commands(block: str) -> list[list[str]]:
@@ -145,36 +176,59 @@ def _run(argv: list[str], home: Path, env: dict, in_process: bool) -> tuple[int,
     return res.exit_code, out
 
 
-@pytest.mark.timeout(1200)
-def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
+@dataclass
+class Record:
+    """What a page's run did: commands run, covered elsewhere, refused for what this machine lacks,
+    and the time each took."""
+
+    ran: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    timings: list[str] = field(default_factory=list)
+
+
+def fresh_folder(tmp_path: Path, links: list[str]) -> tuple[Path, dict, int]:
+    """(folder, environment, port) for a page's run: a new folder holding ``links`` to the repository
+    (``.venv`` to this test's environment), the environment without a tracking URI or Ray address
+    of the shell's, and a free port for the tracking server."""
     home = tmp_path / "clone"
     home.mkdir()
     (home / ".venv").symlink_to(VENV)
-    (home / "tests").symlink_to(REPO / "tests")
+    for name in links:
+        (home / name).symlink_to(REPO / name)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(CALOZOO_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true")
-    port = free_port()
-    monkeypatch.chdir(home)
+    return home, env, free_port()
+
+
+def run_blocks(blocks: list[tuple[str, str]], home: Path, env: dict, port: int, record: Record,
+               page: str = "README") -> None:
+    """Run a page's blocks in order in ``home`` (the working directory), by the rules of the module
+    docstring; each command is added to ``record``; a command that fails, or that no rule covers,
+    fails the test."""
     console_script_ran = False
     background: list[subprocess.Popen] = []
-    ran, elsewhere, refused, timings = [], [], [], []
     try:
-        for lang, block in readme_blocks():
+        for lang, block in blocks:
             if lang == "python":
                 proc = subprocess.run([sys.executable, "-c", block], cwd=home, env=env, capture_output=True,
                                       text=True, timeout=600)
-                assert proc.returncode == 0, f"README python block failed:\n{block}\n{proc.stderr[-3000:]}"
-                ran.append(block.splitlines()[0])
+                assert proc.returncode == 0, f"{page} python block failed:\n{block}\n{proc.stderr[-3000:]}"
+                record.ran.append(block.splitlines()[0])
                 continue
             for argv in commands(block):
                 line = shlex.join(argv)
                 covered = next((k for k in ELSEWHERE if line.startswith(k)), None)
                 if covered is not None:
                     assert (REPO / ELSEWHERE[covered]).exists()
-                    if covered == "pip install":  # the inference-only packages are the ones this suite runs on
-                        mods = [p.replace("-", "_") for p in argv[2:] if not p.startswith("-")]
-                        subprocess.run([sys.executable, "-c", "import " + ", ".join(mods)], check=True, env=env)
-                    elsewhere.append(line)
+                    if covered == "pip install":
+                        named = [p for p in argv[2:] if not p.startswith("-")]
+                        extra = [p for p in named if re.fullmatch(r"(calozoo|\.)\[inference\]", p)]
+                        assert not extra or (REPO / "tests" / "test_packaging.py").exists()
+                        mods = [p.replace("-", "_") for p in named if p not in extra]
+                        if mods:  # the inference-only packages are the ones this suite runs on
+                            subprocess.run([sys.executable, "-c", "import " + ", ".join(mods)], check=True, env=env)
+                    record.elsewhere.append(line)
                     continue
                 if argv[0] == "export":
                     key, _, value = argv[1].partition("=")
@@ -186,7 +240,7 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
                                             stderr=subprocess.DEVNULL, start_new_session=True)
                     background.append(proc)
                     _wait_for(f"http://127.0.0.1:{port}/health", proc)
-                    ran.append(line)
+                    record.ran.append(line)
                     continue
                 argv = scaled(argv, port)
                 missing = lacks(argv)
@@ -200,22 +254,79 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
                     last = out.splitlines()[-1]
                     word = {"GPU": ("GPU", "CUDA"), "cluster": ("cluster", "Ray")}[missing]
                     assert any(w in last for w in word), f"{line}: the error does not say the {missing} is missing: {last}"
-                    refused.append(line)
+                    record.refused.append(line)
                     continue
                 if argv[1:2] == ["validate-fleet"] and returncode == 1:
                     # a gate: its exit status says whether every region passed (at 20 iterations, none does)
                     assert re.search(r"\d+ regions, \d+ failing; summary: ", out), out[-3000:]
                 else:
-                    assert returncode == 0, f"README command failed: {shlex.join(argv)}\n{out[-4000:]}"
-                ran.append(line)
-                timings.append(f"{time.monotonic() - t0:6.1f} s  {shlex.join(argv)}")
+                    assert returncode == 0, f"{page} command failed: {shlex.join(argv)}\n{out[-4000:]}"
+                record.ran.append(line)
+                record.timings.append(f"{time.monotonic() - t0:6.1f} s  {shlex.join(argv)}")
     finally:
         ray.shutdown()  # the local Ray the in-process commands started
-        (tmp_path / "timings.txt").write_text("\n".join(timings) + "\n")
         for proc in background:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
+    home, env, port = fresh_folder(tmp_path, ["tests"])
+    monkeypatch.chdir(home)
+    record = Record()
+    try:
+        run_blocks(readme_blocks(), home, env, port, record)
+    finally:
+        (tmp_path / "timings.txt").write_text("\n".join(record.timings) + "\n")
+    ran, elsewhere = record.ran, record.elsewhere
     assert len(ran) >= 20 and set(ELSEWHERE) <= {next(k for k in ELSEWHERE if e.startswith(k)) for e in elsewhere}
     # what the examples made is there: the pulled model's showers and their report, the sweep's winner
     assert (home / "gen.h5").stat().st_size > 0 and (home / "report" / "report.md").exists()
     assert (home / "out" / "tune" / "fastcalogan-asha" / "best.json").exists()
+
+
+def doc_pages() -> list[Path]:
+    return sorted((REPO / "docs").glob("*.md"))
+
+
+def checkout_entries() -> list[str]:
+    """The top-level files and folders of the checkout that a clone has: tracked, or new and not
+    ignored (``.venv`` and build outputs are ignored)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout
+    return sorted({line.split("/")[0] for line in listed.splitlines() if line} - {".venv"})
+
+
+@pytest.mark.parametrize("page", [REPO / "README.md", *doc_pages()], ids=lambda p: p.name)
+def test_blocks_name_their_language_and_mark_what_does_not_run(page):
+    blocks = fenced_blocks(page)
+    assert all(lang for lang, _ in blocks), f"{page.name}: a block without a language (sh, python, text, ...)"
+    not_run = [(lang, text) for lang, text in blocks if lang in RUNNABLE and text.startswith(NOT_RUN)]
+    assert len(not_run) <= MAX_NOT_RUN, f"{page.name}: {len(not_run)} blocks not run, at most {MAX_NOT_RUN}"
+    for lang, text in not_run:
+        assert RUNNABLE[lang] == "sh", f"{page.name}: a python block always runs; {NOT_RUN!r} is for shell blocks"
+        why = text.splitlines()[0][len(NOT_RUN):].strip()
+        assert why, f"{page.name}: {NOT_RUN!r} without a reason"
+        for argv in commands(text):
+            line = shlex.join(argv)
+            assert any(line == c or line.startswith(c + " ") for c in NOT_RUN_COMMANDS), \
+                f"{page.name}: {line!r} in a block that is not run; only {', '.join(NOT_RUN_COMMANDS)} may be"
+
+
+def test_contributing_page_exists():
+    assert (REPO / "docs" / "contributing.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.name)
+def test_every_docs_page_runs_as_written(page, tmp_path, monkeypatch):
+    home, env, port = fresh_folder(tmp_path, checkout_entries())
+    monkeypatch.chdir(home)
+    record = Record()
+    try:
+        run_blocks(page_blocks(page), home, env, port, record, page=f"docs/{page.name}")
+    finally:
+        (tmp_path / "timings.txt").write_text("\n".join(record.timings) + "\n")

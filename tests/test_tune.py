@@ -136,3 +136,32 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(data, ray_l
     assert result.n_stopped_early == 0
     for trial in finished_before:  # finished trials were not run again
         assert len((out / "trials" / trial / "starts.log").read_text().splitlines()) == 1
+
+
+@pytest.mark.timeout(600)
+def test_a_refused_sweep_starts_afresh_from_its_sweep_json(data, ray_local, tmp_path):
+    """A sweep folder whose pickles calozoo did not sign is refused; `tune --from OLD/sweep.json` (plain
+    JSON) runs its sweep again in a new folder, whose every pickle is signed and which resumes."""
+    from dataclasses import asdict
+
+    from click.testing import CliRunner
+
+    from calozoo.cli import main
+    from tune.signing import unsigned_pickles
+    from tune.sweep import check_resumable
+
+    old = tmp_path / "old"
+    cfg = sweep(data, old, mode="grid", space={"learning_rate": [1e-3], "batch_size": [16], "n_critic": [1]},
+                train={"iterations": 10, "checkpoint_every": 10})
+    (old / "tune").mkdir(parents=True)
+    (old / "sweep.json").write_text(json.dumps(asdict(cfg)))
+    (old / "tune" / "tuner.pkl").write_bytes(b"\x80\x04N.")  # a pickle from elsewhere
+    res = CliRunner().invoke(main, ["tune", "--resume", str(old), "--no-mlflow"])
+    assert res.exit_code != 0 and f"--from {old / 'sweep.json'}" in res.output, res.output
+    new = tmp_path / "new"
+    res = CliRunner().invoke(main, ["tune", "--from", str(old / "sweep.json"), "-o", str(new), "--no-mlflow"])
+    assert res.exit_code == 0, res.output
+    best = json.loads((new / "best.json").read_text())
+    assert best["overrides"]["learning_rate"] == 1e-3 and best["iteration"] == 10
+    assert (new / "tune" / "tuner.pkl").exists() and unsigned_pickles(new) == []
+    assert check_resumable(new) == new.resolve()

@@ -8,7 +8,14 @@ keeps each model's gradients its own), and one ``torch.optim.Adam`` over the sta
 independent Adams, Adam being elementwise. Nothing here knows a family: a model trains as a bank by
 being a ``ShowerModel`` whose losses are pure functions of (weights, buffers, batch), its random
 numbers coming in the batch (``ShowerModel.training_noise``); see ``zoo.base`` for what that rules
-out. A single model is a bank of one (``trainers.loop``).
+out.
+
+A single model is a bank of one (``trainers.loop``), and a bank of one stacks nothing: it trains the
+model's own parameters with a ``torch.optim.Adam`` over them and calls the model's methods directly
+(vmap over one model would run every layer as a batched product of one, slower kernels than the
+plain ones, for nothing). Its batches and outputs keep the bank's leading axis (of length 1, as
+views), so the steps, the loop, the checkpoints' layout and the random streams are those of any K,
+and it trains bit for bit as a loop written by hand over the same batches and noise.
 
 Which models share a bank (:func:`bank_key`): one family, one config but for the readout, and the
 same shape of every parameter and buffer (so the same voxel count and grid). Regions of different
@@ -103,7 +110,7 @@ class _Adam:
 
     def state(self, i: int) -> dict:
         sd = self.opt.state_dict()
-        state = {j: {k: (v[i] if k != "step" else v).detach().cpu().clone() for k, v in st.items()}
+        state = {j: {k: (self.bank._row(v, i) if k != "step" else v).detach().cpu().clone() for k, v in st.items()}
                  for j, st in sd["state"].items()}
         return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
 
@@ -119,7 +126,8 @@ class _Adam:
                 raise ValueError("the models of a bank must resume from the same optimiser step "
                                  f"({[None if p is None else float(p['step']) for p in per]})")
             stacked[j] = {"step": per[0]["step"].clone(),
-                          **{k: torch.stack([p[k] for p in per]) for k in per[0] if k != "step"}}
+                          **{k: torch.stack([p[k] for p in per]) if self.bank.stacked else per[0][k].clone()
+                             for k in per[0] if k != "step"}}
         sd["state"] = stacked
         self.opt.load_state_dict(sd)
 
@@ -147,15 +155,22 @@ class Bank:
         self.models = [m.to(self.device).train() for m in models]
         self.k, self.rng = len(models), rng
         self.batch_size = int(getattr(models[0].config, "batch_size", 128))
-        params, buffers = stack_module_state(self.models)
-        self.params = {n: p.detach().requires_grad_() for n, p in params.items()}
-        self.buffers = {n: b.detach() for n, b in buffers.items()}
-        # the functional template: its own tensors live on the meta device and are never used
-        template = copy.deepcopy(models[0]).to("meta")
+        # params, buffers: the bank's tensors by name, model i's at [i] when stacked; a bank of one's
+        # are its model's own (module docstring)
+        self.stacked = self.k > 1
         self._calls = {}
-        for method in ("losses", "critic_loss", "generator_loss"):
-            wrapped = _Method(template, method)
-            self._calls[method] = vmap(self._functional(wrapped), randomness="error")
+        if self.stacked:
+            params, buffers = stack_module_state(self.models)
+            self.params = {n: p.detach().requires_grad_() for n, p in params.items()}
+            self.buffers = {n: b.detach() for n, b in buffers.items()}
+            # the functional template: its own tensors live on the meta device and are never used
+            template = copy.deepcopy(models[0]).to("meta")
+            for method in ("losses", "critic_loss", "generator_loss"):
+                wrapped = _Method(template, method)
+                self._calls[method] = vmap(self._functional(wrapped), randomness="error")
+        else:
+            self.params = dict(self.models[0].named_parameters())
+            self.buffers = dict(self.models[0].named_buffers())
         seeds = list(seeds) if seeds is not None else list(range(self.k))
         self.batch_gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.noise_gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -170,6 +185,14 @@ class Bank:
             return functional_call(wrapped, tensors, (batch,))
 
         return call
+
+    def _row(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """Model ``i``'s part of one of the bank's tensors (a bank of one's tensor is its model's)."""
+        return t[i] if self.stacked else t
+
+    def _stack(self, ts: list[torch.Tensor]) -> torch.Tensor:
+        """The models' tensors along a leading axis (a view for a bank of one, never a copy)."""
+        return torch.stack(ts) if self.stacked else ts[0].unsqueeze(0)
 
     # -- data -----------------------------------------------------------------------------------
     def _load_data(self, data: list[ShowerData]) -> None:
@@ -214,7 +237,7 @@ class Bank:
         b = self.batch_size
         if self.rng == "per_model":
             rows = [a[torch.randint(len(a), (b,), generator=g)] for a, g in zip(self.active, self.batch_gens)]
-            return torch.stack(rows).to(self.device)
+            return self._stack(rows).to(self.device)
         u = torch.rand(self.k, b, generator=self.bank_gen, device=self.device)
         pick = (u * self.n_active[:, None]).long().clamp_max_(self.table.shape[1] - 1)
         return torch.gather(self.table, 1, pick)
@@ -226,7 +249,7 @@ class Bank:
         model = self.models[0]
         if self.rng == "per_model":
             per = [model.draw_training_noise(step, self.batch_size, g, device="cpu") for g in self.noise_gens]
-            out.update({n: torch.stack([p[n] for p in per]).to(self.device) for n in per[0]})
+            out.update({n: self._stack([p[n] for p in per]).to(self.device) for n in per[0]})
         else:
             for name, (shape, kind) in model.training_noise(step, self.batch_size).items():
                 draw = torch.randn if kind == "normal" else torch.rand
@@ -236,7 +259,10 @@ class Bank:
     # -- computing --------------------------------------------------------------------------------
     def evaluate(self, method: str, batch: dict) -> dict[str, torch.Tensor]:
         """``models[i].method(batch[i])`` for every model at once: a dict of (K,) tensors."""
-        return self._calls[method](self.params, self.buffers, batch)
+        if self.stacked:
+            return self._calls[method](self.params, self.buffers, batch)
+        out = getattr(self.models[0], method)({n: t[0] for n, t in batch.items()})
+        return {n: t.unsqueeze(0) for n, t in out.items()}
 
     def anneal(self, progress: float) -> None:
         """Set the learning rates for a fraction ``progress`` of the run (the models' ``lr_schedule``)."""
@@ -253,12 +279,14 @@ class Bank:
         """Model ``i``'s state dict in its own (single-model) layout, on the CPU."""
         keys = self.models[i].state_dict().keys()
         tensors = {**self.params, **self.buffers}
-        return {k: tensors[k][i].detach().cpu().clone() for k in keys}
+        return {k: self._row(tensors[k], i).detach().cpu().clone() for k in keys}
 
     def unstacked(self, i: int) -> ShowerModel:
-        """Model ``i`` with the bank's current weights (the model passed in, updated in place)."""
+        """Model ``i`` with the bank's current weights (the model passed in, updated in place; a bank
+        of one trains it in place)."""
         m = self.models[i]
-        m.load_state_dict(self.model_state(i))
+        if self.stacked:
+            m.load_state_dict(self.model_state(i))
         return m
 
     def optimiser_state(self, i: int) -> dict:
@@ -279,7 +307,7 @@ class Bank:
                     target = self.params.get(name, self.buffers.get(name))
                     if target is None:
                         raise ValueError(f"checkpoint of model {i} has {name!r}, which the model does not")
-                    target[i].copy_(value.to(target.device, target.dtype))
+                    self._row(target, i).copy_(value.to(target.device, target.dtype))
         for label, opt in self.step_fn.optimisers.items():
             opt.load([s["optimiser"][label] for s in states])
         for i, state in enumerate(states):
@@ -300,7 +328,7 @@ class Bank:
             for name, value in sd.items():
                 target = self.params.get(name, self.buffers.get(name))
                 if target is not None:
-                    target[i].copy_(value.to(target.device, target.dtype))
+                    self._row(target, i).copy_(value.to(target.device, target.dtype))
 
 
 def _hp(model: ShowerModel, name: str, default):

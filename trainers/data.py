@@ -11,7 +11,7 @@ from showers.errors import ShowerDataError
 from showers.formats import check_memory, file_attrs, file_readout, iter_calochallenge, open_h5
 from showers.readout import Readout, get_readout
 
-__all__ = ["DataSplit", "ShowerData", "load_showers", "split_validation", "energy_points"]
+__all__ = ["DataSplit", "ShowerData", "load_showers", "read_energies", "split_validation", "energy_points"]
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ShowerData:
     def discrete(self) -> bool:
         """True if the incident energies are a few discrete points (as in FastCaloGAN or this
         project's campaigns), False for a continuous spectrum."""
-        return len(np.unique(self.energy)) <= max(30, len(self) // 50)
+        return _discrete(self.energy)
 
 
 def energy_points(energy: np.ndarray) -> np.ndarray:
@@ -98,6 +98,10 @@ def load_showers(path, readout=None, max_showers: int | None = None) -> ShowerDa
                       angle=np.concatenate(angles)[:max_showers])
 
 
+#: at most this many validation showers per energy point (and in all: ``TrainConfig.n_val_max``)
+MAX_VAL_PER_ENERGY = 10_000_000
+
+
 @dataclass(frozen=True)
 class DataSplit:
     """How a data set is split into training and validation showers (``split_validation``).
@@ -105,21 +109,58 @@ class DataSplit:
     val_fraction: held out per energy point (a continuous spectrum: of all showers), in [0, 1).
     min_per_energy: at least this many held out per energy point, but never more than half of a
         point's showers (a small file still trains on every energy).
+    strict: refuse, rather than cap at half a point's showers, a ``min_per_energy`` that the data
+        cannot hold out (the CLI sets it when --min-val-per-energy is given: a value asked for is
+        not silently changed); :meth:`check` applies it to a file before any training starts.
     """
 
     val_fraction: float = 0.2
     min_per_energy: int = 100
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if isinstance(self.min_per_energy, bool) or not isinstance(self.min_per_energy, int) or self.min_per_energy < 0:
-            raise ValueError(f"min_per_energy (--min-val-per-energy) must be a whole number >= 0, "
-                             f"got {self.min_per_energy!r}")
+        if isinstance(self.min_per_energy, bool) or not isinstance(self.min_per_energy, int) \
+                or not 0 <= self.min_per_energy <= MAX_VAL_PER_ENERGY:
+            raise ValueError(f"min_per_energy (--min-val-per-energy) must be a whole number >= 0 and at most "
+                             f"{MAX_VAL_PER_ENERGY:,}, got {self.min_per_energy!r}")
 
     def __call__(self, data: ShowerData, seed: int = 0) -> tuple[ShowerData, ShowerData]:
         """(training, validation) showers of ``data``."""
+        self.check(data.energy, data.source)
         return split_validation(data, self.val_fraction, self.min_per_energy, seed=seed)
+
+    def check(self, energy, source) -> None:
+        """With ``strict``, refuse (ValueError naming ``source``) a ``min_per_energy`` above what an
+        energy point of ``energy`` can hold out (half its showers)."""
+        energy = np.asarray(energy, dtype=np.float64).reshape(-1)
+        if not self.strict or not _discrete(energy):
+            return
+        points, counts = np.unique(energy, return_counts=True)
+        i = int(np.argmin(counts))
+        if self.min_per_energy > counts[i] // 2:
+            raise ValueError(f"--min-val-per-energy {self.min_per_energy} is more than {source} can hold out: "
+                             f"{counts[i]} showers at {points[i] / 1000:g} GeV, of which at most {counts[i] // 2} "
+                             f"(half) are held out so that the rest trains; give at most {counts[i] // 2}")
+
+
+def read_energies(path) -> np.ndarray:
+    """The incident energies (MeV) of a CaloChallenge file, or of every ``*.h5`` of a folder, without
+    reading the showers."""
+    path = Path(path)
+    out = []
+    for f in (sorted(path.glob("*.h5")) if path.is_dir() else [path]):
+        with open_h5(f) as h5:
+            if "incident_energies" in h5:
+                ds = h5["incident_energies"]
+                check_memory(ds.shape[0], 1, f, itemsize=8, what="incident energies")
+                out.append(np.asarray(ds[()], dtype=np.float64).reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _discrete(energy: np.ndarray) -> bool:
+    return len(np.unique(energy)) <= max(30, len(energy) // 50)
 
 
 def split_validation(data: ShowerData, fraction: float = 0.2, min_per_energy: int = 0,

@@ -1,13 +1,14 @@
 """The fleet: one model per detector region, spread over Ray Train workers, trained as banks.
 
-``run_fleet`` starts a Ray Train ``TorchTrainer`` (one GPU per worker on a cluster, CPU workers
-locally). Each worker takes a share of the regions balanced by cost (voxels × iterations, longest
-first onto the least loaded worker) and trains them as banks of at most ``bank_size`` models
-(``trainers.bank``), sorted by voxel count so that a bank pads little. Every region keeps its own
-folder ``OUT/<region>/`` on the run's shared storage
-with at most ``keep_checkpoints`` checkpoint files, its own validation metric and best epoch, and,
-through the ``tracker`` it is handed (calozoo's: an MLflow run per region, a child of the fleet's run),
-its own record; the fleet itself imports no tracking library.
+``run_fleet`` starts Ray Train workers (one GPU per worker on a cluster, CPU workers locally; a
+``DataParallelTrainer``, without the torch process group that ``TorchTrainer`` would set up: the
+workers never exchange tensors). Each worker takes a share of the regions balanced by cost (voxels
+× iterations, longest first onto the least loaded worker) and trains them as banks of at most
+``bank_size`` models (``trainers.bank``), sorted by voxel count so that a bank pads little. Every
+region keeps its own folder ``OUT/<region>/`` on the run's shared storage (held by the worker that
+trains it: ``showers.lock``) with at most ``keep_checkpoints`` checkpoint files, its own validation
+metric and best epoch, and, through the ``tracker`` it is handed (calozoo's: an MLflow run per region,
+a child of the fleet's run), its own record; the fleet itself imports no tracking library.
 
 Fault tolerance: with ``FailureConfig(max_failures)``, a worker that dies is replaced, Ray Train
 restarts the worker group, and every region resumes from its own latest checkpoint: nothing is
@@ -20,6 +21,7 @@ it (its log line, its tracked run).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,21 +35,28 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from showers.campaign import list_regions
 from showers.errors import ShowerDataError
 from showers.formats import file_readout, open_h5
 from showers.localray import init_ray, local_gpus_missing, require_resources
-from trainers.data import DataSplit, ShowerData, load_showers
-from trainers.loop import TrainConfig, train_models
+from showers.lock import writer_lock
+from showers.progress import progress
+from trainers.data import DataSplit, ShowerData, load_showers, read_energies
+from trainers.loop import TrainConfig, read_progress, train_models
 from trainers.reptile import load_compatible
 from zoo import create_model_for
 from zoo.base import ShowerModel
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 
-__all__ = ["FleetConfig", "FleetTracker", "assign_regions", "check_config", "list_regions", "run_fleet",
-           "train_share"]
+__all__ = ["FleetConfig", "FleetProgress", "FleetTracker", "assign_regions", "check_config", "list_regions",
+           "run_fleet", "train_share"]
+
+
+#: at most this many workers (and CPUs per worker, and worker failures recovered from), and models per bank
+MAX_WORKERS = 4096
+MAX_BANK_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,9 @@ class FleetConfig:
         object.__setattr__(self, "regions", tuple(self.regions))
         if not self.regions:
             raise ValueError("a fleet needs at least one region")
-        if isinstance(self.bank_size, bool) or not isinstance(self.bank_size, int) or self.bank_size < 1:
-            raise ValueError(f"bank_size must be a whole number >= 1, got {self.bank_size!r}")
+        if isinstance(self.bank_size, bool) or not isinstance(self.bank_size, int) \
+                or not 1 <= self.bank_size <= MAX_BANK_SIZE:
+            raise ValueError(f"bank_size must be a whole number from 1 to {MAX_BANK_SIZE}, got {self.bank_size!r}")
         if self.rng not in ("bank", "per_model"):
             raise ValueError(f"rng must be 'bank' or 'per_model', got {self.rng!r}")
 
@@ -122,9 +132,13 @@ def cpu_bank_size(bank_size: int, batch_size: int, n_voxels: int) -> int:
 
 def check_config(cfg: FleetConfig) -> None:
     """Refuse a fleet that cannot train, before any Ray worker starts: unreadable region files (named),
-    training options and model overrides that make no sense (by building the first region's model)."""
+    a validation split a region cannot hold (``DataSplit.strict``), training options and model
+    overrides that make no sense (by building the first region's model)."""
     for n in cfg.regions:
-        _n_voxels(Path(cfg.data_dir) / f"{n}.h5")
+        path = Path(cfg.data_dir) / f"{n}.h5"
+        _n_voxels(path)
+        if cfg.split.strict:
+            cfg.split.check(read_energies(path), path)
     first = Path(cfg.data_dir) / f"{cfg.regions[0]}.h5"
     readout = file_readout(first)
     if readout is None:
@@ -197,41 +211,83 @@ def train_share(cfg: FleetConfig, regions: list[str], device: str = "cpu", rank:
         if not names:
             continue
         dirs = [out / n for n in names]
-        # the iteration each region starts from, from its checkpoint index (no checkpoint is read)
-        starts = [max((e["iteration"] for e in CheckpointManager(d / "checkpoints").entries), default=0)
-                  for d in dirs]
-        models, trains, vals = [], [], []
-        for n in names:
-            data = load_showers(Path(cfg.data_dir) / f"{n}.h5")
-            tr, va = cfg.split(data, seed=tcfg.seed)
-            torch.manual_seed(tcfg.seed)
-            model = create_model_for(cfg.model, data.readout, **cfg.overrides)
-            if init is not None:
-                load_compatible(model, init)
-            models.append(model)
-            trains.append(tr)
-            vals.append(va)
-        for n, d, s in zip(names, dirs, starts):
-            _region_log(d, f"start iteration={s} rank={rank} bank={len(names)} pid={os.getpid()}")
-        logs = ([tracker.start_region(n, m, d, tr, va) for n, m, d, tr, va in zip(names, models, dirs, trains, vals)]
-                if tracker is not None else None)
-
-        def log(i, record, iteration, logs=logs):
-            if logs is not None:
-                logs[i](record, iteration)
-
-        train_models(models, trains, vals, tcfg, dirs, rng=cfg.rng, seeds=[tcfg.seed] * len(names), log=log,
-                     names=names)
-        for n, d, va in zip(names, dirs, vals):
-            best = CheckpointManager(d / "checkpoints").best()
-            results[n] = best
-            if tracker is not None:
-                tracker.finish_region(n, d, va)
-            _region_log(d, f"done iteration={tcfg.iterations} best={best['iteration']} "
-                           f"chi2_sum={best['metrics']['chi2_sum']:.4g}")  # the last word: see _ended
+        with contextlib.ExitStack() as held:  # one writer per region folder (showers.lock), until its end
+            for d in dirs:
+                held.enter_context(writer_lock(d, "region folder"))
+            _train_bank(cfg, tcfg, names, dirs, init, rank, results, tracker)
     if report is not None:
         report({"regions_done": len(results), "rank": rank})
     return results
+
+
+def _train_bank(cfg: FleetConfig, tcfg: TrainConfig, names: list[str], dirs: list[Path], init, rank: int,
+                results: dict, tracker: FleetTracker | None) -> None:
+    """Train one bank of regions (their folders locked), logging each region's start and end and
+    putting each region's best checkpoint entry into ``results``."""
+    # the iteration each region starts from, from its checkpoint index (no checkpoint is read)
+    starts = [max((e["iteration"] for e in CheckpointManager(d / "checkpoints").entries), default=0)
+              for d in dirs]
+    models, trains, vals = [], [], []
+    for n in names:
+        data = load_showers(Path(cfg.data_dir) / f"{n}.h5")
+        tr, va = cfg.split(data, seed=tcfg.seed)
+        torch.manual_seed(tcfg.seed)
+        model = create_model_for(cfg.model, data.readout, **cfg.overrides)
+        if init is not None:
+            load_compatible(model, init)
+        models.append(model)
+        trains.append(tr)
+        vals.append(va)
+    for n, d, s in zip(names, dirs, starts):
+        _region_log(d, f"start iteration={s} rank={rank} bank={len(names)} pid={os.getpid()}")
+    logs = ([tracker.start_region(n, m, d, tr, va) for n, m, d, tr, va in zip(names, models, dirs, trains, vals)]
+            if tracker is not None else None)
+
+    def log(i, record, iteration, logs=logs):
+        if logs is not None:
+            logs[i](record, iteration)
+
+    train_models(models, trains, vals, tcfg, dirs, rng=cfg.rng, seeds=[tcfg.seed] * len(names), log=log,
+                 names=names)
+    for n, d, va in zip(names, dirs, vals):
+        best = CheckpointManager(d / "checkpoints").best()
+        results[n] = best
+        if tracker is not None:
+            tracker.finish_region(n, d, va)
+        _region_log(d, f"done iteration={tcfg.iterations} best={best['iteration']} "
+                       f"chi2_sum={best['metrics']['chi2_sum']:.4g}")  # the last word: see _ended
+
+
+class FleetProgress:
+    """The progress of a fleet running on Ray Train workers, in the driver: the iterations every region
+    has reached, from the ``progress.json`` its training writes every two seconds to the shared
+    storage (``showers.progress``: a bar on a terminal, plain lines in a log)."""
+
+    def __init__(self, fleet_dir, regions: list[str], iterations: int, every: float = 1.0):
+        import threading
+
+        self.dirs = [Path(fleet_dir) / r for r in regions]
+        self.total, self.every = iterations * len(regions), every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="calozoo-fleet-progress", daemon=True)
+
+    def _done(self) -> int:
+        return sum(read_progress(d) for d in self.dirs)
+
+    def _run(self) -> None:
+        with progress(self.total, "fleet: iterations of all regions", "it", initial=self._done()) as bar:
+            while not self.stop.wait(self.every):
+                bar.update(self._done() - bar.n)  # the regions' progress.json, every second
+            bar.update(self._done() - bar.n)
+
+    def __enter__(self) -> FleetProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        return False
 
 
 def _worker_loop(config: dict) -> None:
@@ -259,17 +315,34 @@ def _worker_loop(config: dict) -> None:
 
 def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
               max_failures: int = 3, threads_per_worker: int = 1, tracker: FleetTracker | None = None) -> dict:
-    """Train ``cfg.regions`` on a Ray Train ``TorchTrainer`` of ``num_workers`` workers.
+    """Train ``cfg.regions`` on ``num_workers`` Ray Train workers (a ``DataParallelTrainer``: see below).
 
     tracker: records each region (on the workers), e.g. calozoo's MLflow tracker; None: no tracking.
     Returns {"shares", "seconds", "status", "regions": {region: best entry}}, also written to
-    ``OUT/summary.json``.
+    ``OUT/summary.json``. The fleet folder is held with ``showers.lock.writer_lock`` (one fleet per
+    folder), and each region's folder by the worker that trains it.
+
+    The workers never exchange tensors (each trains its own regions and reports once), so they are
+    started without a torch process group: Ray Train's ``TorchTrainer`` would set one up (gloo on
+    CPUs), whose rendezvous store listens on every interface, beyond the loopback that a local Ray
+    keeps to (``showers.localray``). ``DataParallelTrainer`` is the same launcher without it.
     """
     t0 = time.perf_counter()
+    for name, value in (("num_workers", num_workers), ("threads_per_worker", threads_per_worker),
+                        ("max_failures", max_failures)):
+        low = 0 if name == "max_failures" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WORKERS:
+            raise ValueError(f"{name} must be a whole number from {low} to {MAX_WORKERS}, got {value!r}")
     check_config(cfg)
     out = Path(cfg.out_dir).resolve()
     cfg = dataclasses.replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()))
-    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out, "fleet folder"):
+        return _run_fleet(cfg, out, t0, num_workers, use_gpu, address, max_failures, threads_per_worker, tracker)
+
+
+
+def _run_fleet(cfg: FleetConfig, out: Path, t0: float, num_workers: int, use_gpu: bool, address: str | None,
+               max_failures: int, threads_per_worker: int, tracker: FleetTracker | None) -> dict:
     costs = {n: _n_voxels(Path(cfg.data_dir) / f"{n}.h5") * cfg.train.iterations for n in cfg.regions}
     shares = assign_regions(costs, num_workers)
     (out / "fleet.json").write_text(json.dumps({"config": asdict(cfg), "shares": shares}, indent=1))
@@ -283,7 +356,7 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
     init_ray(address, num_cpus=max(num_workers * threads_per_worker, os.cpu_count() or 1), log_to_driver=False)
     require_resources({"GPU": float(num_workers)} if use_gpu else {"CPU": float(num_workers * threads_per_worker)},
                       what, address)
-    trainer = TorchTrainer(
+    trainer = DataParallelTrainer(
         _worker_loop,
         train_loop_config={"fleet": asdict(cfg), "shares": shares, "use_gpu": use_gpu, "threads": threads_per_worker,
                            "tracker": tracker},

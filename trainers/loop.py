@@ -1,18 +1,19 @@
 """The training loop: one outer loop for every model and every number of models.
 
-:func:`train_models` trains K ≥ 1 models as banks (``trainers.bank``: the models stacked, the
-family's own losses under ``vmap``, one step per kind of training: ``likelihood`` or
-``adversarial``); :func:`train` is a bank of one. The outer loop samples batches, checkpoints every
+:func:`train_models` trains K ≥ 1 models as banks (``trainers.bank``: K > 1 models stacked, their
+losses under ``vmap``, a bank of one's called directly; one step per kind of training, ``likelihood``
+or ``adversarial``); :func:`train` is a bank of one. The outer loop samples batches, checkpoints every
 ``checkpoint_every`` iterations (the model's config, the transform spec, both optimisers, the
 iteration and every RNG state: a killed run resumes exactly where it stopped), validates at each
 checkpoint with FastCaloGAN's criterion on a held-out set, keeps at most ``keep_checkpoints`` files,
-shows a progress bar, and can follow FastCaloGAN's incremental schedule (start at the energy closest
-to 32 GeV, add one energy point every ``incremental_every`` iterations in the order 32, 64, 16, 128,
-8, 256, ... GeV).
+shows its progress (a bar on a terminal, plain lines in a log: ``showers.progress``), and can follow
+FastCaloGAN's incremental schedule (start at the energy closest to 32 GeV, add one energy point every
+``incremental_every`` iterations in the order 32, 64, 16, 128, 8, 256, ... GeV).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,9 +25,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from showers.atomic import remove_stale, tmp_path
+from showers.lock import writer_lock
+from showers.progress import progress
 from trainers.bank import Bank, bank_groups
 from trainers.data import ShowerData, energy_points
 from validate.metrics import checkpoint_metrics
@@ -38,6 +40,12 @@ __all__ = ["PROGRESS_FILE", "TrainConfig", "TrainResult", "available_cpus", "che
 
 #: ``RUN_DIR/progress.json``: the iteration a model's training has reached (``_Heartbeat``)
 PROGRESS_FILE = "progress.json"
+
+
+#: the largest values of TrainConfig's whole-number fields: a typo of a few zeros is refused at once,
+#: not found out after hours (10^8 iterations are years of a CPU)
+LIMITS = {"iterations": 100_000_000, "checkpoint_every": 100_000_000, "n_val_max": 10_000_000,
+          "keep_checkpoints": 1000}
 
 
 @dataclass(frozen=True)
@@ -61,12 +69,19 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+            if value > LIMITS[name]:
+                raise ValueError(f"{name} must be at most {LIMITS[name]:,}, got {value:,}")
         if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) \
-                or self.keep_checkpoints < 2:
-            raise ValueError(f"keep_checkpoints must be >= 2 (the best and the latest), got {self.keep_checkpoints!r}")
-        if self.incremental_every is not None and (not isinstance(self.incremental_every, int)
-                                                   or self.incremental_every < 1):
-            raise ValueError(f"incremental_every must be a whole number >= 1 or None, got {self.incremental_every!r}")
+                or not 2 <= self.keep_checkpoints <= LIMITS["keep_checkpoints"]:
+            raise ValueError(f"keep_checkpoints must be from 2 (the best and the latest) to "
+                             f"{LIMITS['keep_checkpoints']}, got {self.keep_checkpoints!r}")
+        if self.incremental_every is not None and (isinstance(self.incremental_every, bool)
+                                                   or not isinstance(self.incremental_every, int)
+                                                   or not 1 <= self.incremental_every <= LIMITS["iterations"]):
+            raise ValueError(f"incremental_every must be a whole number from 1 to {LIMITS['iterations']:,} or "
+                             f"None, got {self.incremental_every!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be a whole number from 0 to {2**32 - 1}, got {self.seed!r}")
         _device(self.device)  # refuses an unknown device, or CUDA where there is none
 
 
@@ -171,7 +186,9 @@ def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_da
 
     rng, seeds: ``trainers.bank.Bank``'s (default seeds: ``cfg.seed`` for every model).
     log: called as ``log(i, record, iteration)`` after each of model i's checkpoints.
-    Returns one :class:`TrainResult` per model; the models hold the final weights.
+    Returns one :class:`TrainResult` per model; the models hold the final weights. Each run folder is
+    held with ``showers.lock.writer_lock`` throughout: a folder another process writes into is refused
+    (:class:`~showers.lock.FolderBusyError`).
     """
     k = len(models)
     if not (k == len(train_data) == len(val_data) == len(run_dirs)):
@@ -183,6 +200,16 @@ def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_da
                              f"model {m.variant} expects {m.n_voxels}")
     names = list(names) if names is not None else [f"model{i}" for i in range(k)]
     seeds = list(seeds) if seeds is not None else [cfg.seed] * k
+    with contextlib.ExitStack() as held:  # one writer per run folder, for the whole training (showers.lock)
+        for d in run_dirs:
+            held.enter_context(writer_lock(d))
+        return _train_models(models, train_data, val_data, cfg, run_dirs, rng, seeds, resume, log, names)
+
+
+def _train_models(models, train_data, val_data, cfg: TrainConfig, run_dirs, rng: str, seeds: list[int], resume: bool,
+                  log, names: list[str]) -> list[TrainResult]:
+    """:func:`train_models` once its run folders are locked."""
+    k = len(models)
     groups = bank_groups(models)
     if len(groups) > 1:
         results: list = [None] * k
@@ -230,7 +257,7 @@ def train_models(models: list[ShowerModel], train_data: list[ShowerData], val_da
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
     desc = names[0] if k == 1 else f"bank of {k} {models[0].variant}"
-    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, unit="it", disable=not cfg.progress)
+    bar = progress(cfg.iterations, desc, "it", initial=start, disable=not cfg.progress)
     shown: dict = {}
     beat = _Heartbeat([Path(d) for d in run_dirs], cfg.iterations)
     for it in range(start, cfg.iterations):

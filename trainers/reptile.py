@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from showers.calibrate import core_bins
 from showers.observables import longitudinal_profile
+from showers.progress import track
 from trainers.bank import Bank
 from trainers.data import ShowerData
 from zoo.base import ShowerModel
@@ -61,7 +61,7 @@ def meta_train(model: ShowerModel, tasks: dict[str, ShowerData], cfg: ReptileCon
     # one bank of one per task (its data on the device, its batch stream), loaded with θ at each visit
     banks = {n: Bank([model], [tasks[n]], device, seeds=[cfg.seed + i]) for i, n in enumerate(names)}
     history = []
-    for it in tqdm(range(cfg.meta_iterations), desc="reptile", disable=not cfg.progress):
+    for it in track(range(cfg.meta_iterations), desc="reptile", disable=not cfg.progress):
         name = names[rng.integers(len(names))]
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         bank = banks[name]

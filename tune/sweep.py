@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -36,15 +37,21 @@ from typing import Callable, Protocol
 import torch
 from ray.tune import Callback
 
+from showers.lock import writer_lock
+from showers.progress import LogProgress
 from trainers.data import DataSplit, load_showers
 from trainers.loop import TrainConfig, train
+from tune.signing import Signer, key_path, unsigned_pickles
 from zoo import create_model, create_model_for
 from zoo.base import SearchSpace, ShowerModel
 
-__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "TrialProgress", "check_resumable", "load_best", "load_config",
-           "param_space", "resume_sweep", "retrain_best", "run_sweep", "search_space", "trial_label"]
+__all__ = ["SweepConfig", "SweepResult", "SweepTracker", "TrialProgress", "check_config", "check_resumable",
+           "load_best", "load_config", "param_space", "resume_sweep", "retrain_best", "run_sweep", "search_space",
+           "trial_label"]
 
 METRICS = ("criterion", "chi2_sum", "sep_power", "etot_shift")
+#: at most this many trials in a sweep (and running at once)
+MAX_TRIALS = 100_000
 
 
 @dataclass(frozen=True)
@@ -80,13 +87,22 @@ class SweepConfig:
             object.__setattr__(self, "train", TrainConfig(**{"progress": False, **self.train}))
         if isinstance(self.split, dict):
             object.__setattr__(self, "split", DataSplit(**self.split))
-        if not self.cpus_per_trial > 0 or not self.gpus_per_trial >= 0:
-            raise ValueError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial} "
-                             f"and {self.gpus_per_trial}")
+        if not 0 < self.cpus_per_trial <= 4096 or not 0 <= self.gpus_per_trial <= 64:
+            raise ValueError(f"cpus_per_trial must be > 0 (and at most 4096) and gpus_per_trial >= 0 (and at most 64), "
+                             f"got {self.cpus_per_trial} and {self.gpus_per_trial}")
         if self.mode not in ("grid", "asha"):
             raise ValueError(f"mode must be 'grid' or 'asha', got {self.mode!r}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        for name, high in (("num_samples", MAX_TRIALS), ("grace_period", 1_000_000), ("max_concurrent", MAX_TRIALS)):
+            value = getattr(self, name)
+            if name == "max_concurrent" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{name} must be a whole number from 1 to {high:,}, got {value!r}")
+        if not 1.0 < self.reduction_factor <= 1000.0:
+            raise ValueError(f"reduction_factor must be above 1 (ASHA keeps 1/this of the trials per rung), got "
+                             f"{self.reduction_factor!r}")
 
 
 @dataclass
@@ -108,10 +124,27 @@ class SweepTracker(Protocol):
         ``(log(record, iteration), finish())``, ``finish`` called however the trial ends."""
 
 
-def load_config(out_dir) -> SweepConfig:
-    """The :class:`SweepConfig` a sweep folder was started with (``OUT/sweep.json``); fields this
-    version no longer has (the tracking fields of older sweeps) are ignored."""
-    return _sweep_config(json.loads((Path(out_dir) / "sweep.json").read_text()))
+def load_config(path) -> SweepConfig:
+    """The :class:`SweepConfig` a sweep folder was started with (``OUT/sweep.json``, or that file
+    itself); fields this version no longer has (the tracking fields of older sweeps) are ignored. Plain
+    JSON: nothing in it runs."""
+    path = Path(path)
+    path = path / "sweep.json" if path.is_dir() else path
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a sweep's sweep.json ({_first_line(exc)})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a sweep's sweep.json (a JSON object of settings is expected)")
+    try:
+        return _sweep_config(saved)
+    except TypeError as exc:
+        raise ValueError(f"{path}: not a sweep's sweep.json ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _sweep_config(saved: dict) -> SweepConfig:
@@ -200,12 +233,34 @@ def _trial(config: dict, tracker: SweepTracker | None = None) -> None:
 
 
 class TrialProgress(Callback):
-    """One line per trial as it starts, ends, is stopped early by ASHA or fails, with the counts so far:
-    a sweep is never silent for minutes (Tune's own table is off, ``verbose=0``)."""
+    """One line per trial as it starts, ends, is stopped early by ASHA or fails, with the counts so far,
+    and between them the iterations of all trials as plain lines (``showers.progress.LogProgress``:
+    every 5 % and every 30 s): a sweep is never silent for minutes (Tune's own table is off,
+    ``verbose=0``)."""
 
     def __init__(self, metric: str, iterations: int):
         self.metric, self.iterations = metric, iterations
         self.started = self.ended = 0
+        self._reached: dict[str, int] = {}
+        self._bar = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_bar": None}  # Tune pickles its callbacks into tuner.pkl
+
+    def setup(self, total_num_samples: int | None = None, **info) -> None:
+        total = (total_num_samples or 0) * self.iterations or None  # at most: ASHA stops some trials early
+        self._bar = LogProgress(total, "sweep: iterations of all trials", "it", stream=sys.stdout)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        at = int(result.get("iteration", 0))
+        before = self._reached.get(trial.trial_id, 0)
+        self._reached[trial.trial_id] = at
+        if self._bar is not None and at > before:
+            self._bar.update(at - before)
+
+    def on_experiment_end(self, trials, **info):
+        if self._bar is not None:
+            self._bar.close()
 
     def _say(self, trial, what: str) -> None:
         print(f"  sweep: trial {trial.trial_id} [{trial_label(trial.config.get('params', {}))}] {what} "
@@ -259,6 +314,39 @@ def _tuner(cfg: SweepConfig, restore_path: str | None = None, tracker: SweepTrac
     )
 
 
+def check_config(cfg: SweepConfig, space: bool = True) -> None:
+    """Refuse, before Ray starts, a sweep that cannot run: a folder that holds a sweep already (its
+    ``tune/``: resume it instead), and (``space``) a sweep whose trials would all fail: a candidate
+    that the family's config does not take (a value of the wrong kind or out of range), each built once
+    into a model on the data's readout, or a validation split the data cannot hold (``DataSplit.strict``)."""
+    from showers.errors import ShowerDataError
+    from showers.formats import file_readout
+
+    out = Path(cfg.out_dir).resolve()
+    if (out / "tune").exists():
+        raise ValueError(f"{out} holds a sweep already (its tune/ folder): resume it (`calozoo tune --resume {out}`), "
+                         "or start this one in another folder (-o)")
+    if not space:
+        return
+    data = Path(cfg.data)
+    files = sorted(data.glob("*.h5")) if data.is_dir() else [data]
+    if not files:
+        raise ShowerDataError(data, "no *.h5 files in this folder")
+    readout = file_readout(files[0])
+    if readout is None:
+        raise ShowerDataError(files[0], "the file records no readout (a campaign of `calozoo simulate` does)")
+    for key, values in cfg.space.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"the candidates of {key} must be a non-empty list, got {values!r}")
+        search_space(replace(cfg, space={key: values}, only_given=True))  # an unknown field, by name
+        for value in values:
+            create_model_for(cfg.model, readout, **{key: tuple(value) if isinstance(value, list) else value})
+    if cfg.split.strict:
+        from trainers.data import read_energies
+
+        cfg.split.check(read_energies(data), data)
+
+
 def run_sweep(cfg: SweepConfig, address: str | None = None, tracker: SweepTracker | None = None) -> SweepResult:
     """Run the sweep (a local Ray unless ``address``); write ``OUT/best.json``; see the module docstring.
 
@@ -266,17 +354,21 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracker: SweepTracke
     """
     out = Path(cfg.out_dir).resolve()
     cfg = replace(cfg, out_dir=str(out), data=str(Path(cfg.data).resolve()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(asdict(cfg), indent=1))
-    return _fit(cfg, lambda: _tuner(cfg, tracker=tracker), address)
+    check_config(cfg)
+    with writer_lock(out, "sweep folder"):
+        check_config(cfg, space=False)  # again, now that no other sweep can be starting in it
+        (out / "sweep.json").write_text(json.dumps(asdict(cfg), indent=1))
+        return _fit(cfg, lambda: _tuner(cfg, tracker=tracker), address)
 
 
 def resume_sweep(out_dir, address: str | None = None, tracker: SweepTracker | None = None) -> SweepResult:
     """Resume an interrupted sweep (``Tuner.restore``): finished trials are kept, unfinished ones
     resume (recorded by ``tracker``, which should be the one the sweep started with)."""
     out = check_resumable(out_dir)
-    cfg = load_config(out)
-    return _fit(cfg, lambda: _tuner(cfg, restore_path=str(out / "tune"), tracker=tracker), address)
+    with writer_lock(out, "sweep folder"):
+        out = check_resumable(out)  # again, now that no other sweep can be writing it
+        cfg = replace(load_config(out), out_dir=str(out))
+        return _fit(cfg, lambda: _tuner(cfg, restore_path=str(out / "tune"), tracker=tracker), address)
 
 
 def _untrusted(path: Path, st, uid: int, *, allow_root: bool = False) -> str | None:
@@ -296,11 +388,13 @@ def check_resumable(out_dir) -> Path:
     """The resolved sweep folder, if resuming it is safe; else ValueError saying why.
 
     Resuming hands ``OUT/tune`` to Ray's ``Tuner.restore``, which unpickles ``tuner.pkl`` (and the
-    pickles inside the experiment state), and unpickling runs code. So, as ssh does with its keys,
-    only a folder this user's sweep wrote is resumed: the folder, ``sweep.json`` and everything under
+    pickles inside the experiment state), and unpickling runs code. So only a folder this user's
+    sweep wrote is resumed. As ssh does with its keys: the folder, ``sweep.json`` and everything under
     ``tune/`` must be owned by this user and writable by no one else (no group or world write bit),
     and no folder above it may let another user replace it (owned by this user or root, and not
-    writable by others unless sticky, as /tmp is). Symbolic links under ``tune/`` are refused.
+    writable by others unless sticky, as /tmp is); symbolic links under ``tune/`` are refused. And
+    every pickle under ``tune/`` must carry a valid signature of this user's key (``tune.signing``:
+    a folder copied from elsewhere is owned by whoever copied it). Nothing is unpickled here.
     """
     import os
     import stat
@@ -337,6 +431,13 @@ def check_resumable(out_dir) -> Path:
         raise ValueError(f"refusing to resume {out}: {problems[0]}{more}. Resuming unpickles tune/tuner.pkl, which "
                          "runs code: only a sweep folder that you own and no one else can write is resumed (fix it "
                          f"with `chmod -R go-w {out}` if it is yours)")
+    unsigned = unsigned_pickles(out)
+    if unsigned:
+        more = f" and {len(unsigned) - 1} more" if len(unsigned) > 1 else ""
+        raise ValueError(f"refusing to resume {out}: tune/{unsigned[0]}{more} carries no valid signature of your "
+                         f"calozoo (key {key_path()}), so this sweep was not written by you here, or was changed "
+                         "since. Resuming unpickles those files, which runs code. To start the sweep afresh from "
+                         f"its settings (plain JSON): `calozoo tune --from {out / 'sweep.json'} -o NEW_FOLDER`")
     return out
 
 
@@ -347,7 +448,8 @@ def _fit(cfg: SweepConfig, make_tuner, address) -> SweepResult:
     t0 = time.perf_counter()
     init_ray(address, log_to_driver=False)  # a cluster (address, RAY_ADDRESS) or a local Ray on loopback only
     _check_resources(cfg, address)
-    results = make_tuner().fit()
+    with Signer(cfg.out_dir):  # every pickle Ray writes into OUT/tune is signed (tune.signing)
+        results = make_tuner().fit()
     iterations = cfg.train.iterations
     trials = []
     for r in results:
@@ -396,4 +498,7 @@ def load_best(path) -> dict:
         raise ValueError(f"{path}: not a sweep's best.json ({exc})") from None
     if not isinstance(best, dict) or "model" not in best or "overrides" not in best:
         raise ValueError(f"{path}: not a sweep's best.json (needs 'model' and 'overrides')")
+    if not isinstance(best["model"], str) or not isinstance(best["overrides"], dict):
+        raise ValueError(f"{path}: not a sweep's best.json ('model' must be a name and 'overrides' an object of "
+                         f"config fields, got {type(best['model']).__name__} and {type(best['overrides']).__name__})")
     return best

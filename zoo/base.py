@@ -338,9 +338,32 @@ class ConfigError(ValueError, TypeError):
     kind (the message names the field, the value and what is allowed)."""
 
 
+#: the largest value of a whole-number config field, by name, else INT_MAX (widths, latent and
+#: embedding sizes, layer counts, knots): a typo of a few zeros (``--set n_steps=100000000``) is
+#: refused when the model is built, before any worker, trial or training starts, rather than found
+#: hanging in the first validation
+INT_LIMITS = {"batch_size": 65_536, "n_steps": 1000, "energy_n_steps": 1000, "n_critic": 100,
+              "response_quantiles": 100_000}
+INT_MAX = 16_384
+#: the whole-number fields for which 0 is a value (0 quantiles: no response table); others start at 1
+ZERO_ALLOWED = frozenset({"response_quantiles"})
+#: at most this many entries in a list of widths (layers)
+MAX_LAYERS = 64
+
+
+def _checked_int(value, key: str, bad) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise bad("a whole number")
+    low, high = (0 if key in ZERO_ALLOWED else 1), INT_LIMITS.get(key, INT_MAX)
+    if not low <= value <= high:
+        raise bad(f"a whole number from {low} to {high:,}")
+    return int(value)
+
+
 def _checked_value(variant: str, key: str, value, ref):
-    """``value`` for the field ``key`` whose default is ``ref``: numbers stay numbers, flags flags,
-    tuples tuples (a list becomes one); anything else of another kind is refused."""
+    """``value`` for the field ``key`` whose default is ``ref``: numbers stay numbers (whole numbers
+    within INT_LIMITS), flags flags, tuples tuples (a list becomes one); anything else of another kind
+    is refused."""
     def bad(kind):
         return ConfigError(f"{variant}: config field {key} must be {kind}, got {value!r}")
 
@@ -353,9 +376,7 @@ def _checked_value(variant: str, key: str, value, ref):
             raise bad("true or false")
         return value
     if isinstance(ref, int):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise bad("a whole number")
-        return int(value)
+        return _checked_int(value, key, bad)
     if isinstance(ref, float):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(float(value)):
@@ -364,6 +385,10 @@ def _checked_value(variant: str, key: str, value, ref):
     if isinstance(ref, (tuple, list)):
         if not isinstance(value, (tuple, list)):
             raise bad("a list, e.g. [64,64]")
+        if ref and all(isinstance(r, int) and not isinstance(r, bool) for r in ref):  # widths
+            if not 1 <= len(value) <= MAX_LAYERS:
+                raise bad(f"a list of 1 to {MAX_LAYERS} whole numbers")
+            value = [_checked_int(v, key, lambda kind: bad(f"a list whose entries are each {kind}")) for v in value]
         return tuple(value) if isinstance(ref, tuple) else list(value)
     return value
 

@@ -5,7 +5,8 @@ A checkpoint is a plain dict of tensors and JSON-like values (``torch.load(weigh
 reads it): the model's family, variant and config (so it rebuilds its model alone), its state,
 the optimisers', the iteration, the RNG states and the validation metrics. Files are written to a
 temporary name and renamed, and the index (``checkpoints.json``) is rewritten the same way, so a
-crash at any moment leaves a consistent folder.
+crash at any moment leaves a consistent folder. Both are written only by the holder of the run
+folder's writer lock (``showers.lock``): a second writer is refused, not mixed in.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from showers.atomic import remove_stale, tmp_path
+from showers.atomic import GuardedFile, remove_stale, tmp_path
+from showers.errors import WriteError
+from showers.lock import FolderBusyError, writer_lock
 
 __all__ = ["CheckpointError", "CheckpointManager", "load_checkpoint"]
 
@@ -35,9 +38,24 @@ class CheckpointError(ValueError):
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
+    """``write(file)`` into a temporary file, renamed onto ``path`` once whole and on disk; a write the
+    operating system refuses (a full disk, ...) raises :class:`~showers.errors.WriteError` naming
+    ``path`` and the cause (``torch.save`` alone says "unexpected pos"), and the temporary file is
+    removed."""
     tmp = tmp_path(path, unique=False)
+    what = "writing it; the files already there are untouched"
     try:
-        write(tmp)
+        try:
+            guard = GuardedFile(open(tmp, "wb", buffering=0))
+        except OSError as exc:
+            raise WriteError(path, exc, what) from None
+        try:
+            write(guard)
+        finally:
+            guard.sync()
+            guard.close()
+        if guard.error is not None:
+            raise WriteError(path, guard.error, what)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -114,7 +132,10 @@ class CheckpointManager:
             entries = self._rebuild(files)
             log.warning("%s was missing: rebuilt it from %d checkpoint file(s)", self.index_path, len(entries))
             self.entries = entries
-            self._write_index()
+            try:
+                self._write_index()
+            except FolderBusyError:  # a live writer holds the folder: the index is its to write
+                pass
             return entries
         try:
             entries = json.loads(self.index_path.read_text())
@@ -142,15 +163,18 @@ class CheckpointManager:
         return sorted(entries, key=lambda e: e["iteration"])
 
     def save(self, state: dict, iteration: int, metrics: dict) -> Path:
+        """Write a checkpoint and the index, holding the run folder's writer lock (``showers.lock``:
+        a process that does not hold it already takes it for the save, or is refused)."""
         path = self.dir / f"ckpt-{iteration:09d}.pt"
-        _atomic_write_bytes(path, lambda p: torch.save(state, p))
-        value = metrics.get(self.metric)
-        entry = {"iteration": int(iteration), "file": path.name,
-                 "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                 "value": None if value is None or not math.isfinite(value) else float(value)}
-        self.entries = [e for e in self.entries if e["iteration"] != iteration] + [entry]
-        self._prune()
-        self._write_index()
+        with writer_lock(self.dir.parent):
+            _atomic_write_bytes(path, lambda f: torch.save(state, f))
+            value = metrics.get(self.metric)
+            entry = {"iteration": int(iteration), "file": path.name,
+                     "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                     "value": None if value is None or not math.isfinite(value) else float(value)}
+            self.entries = [e for e in self.entries if e["iteration"] != iteration] + [entry]
+            self._prune()
+            self._write_index()
         return path
 
     def _ranked(self) -> list[dict]:
@@ -168,8 +192,10 @@ class CheckpointManager:
         self.entries = sorted((e for e in self.entries if e["file"] in keep), key=lambda e: e["iteration"])
 
     def _write_index(self) -> None:
+        """Only the holder of the run folder's writer lock writes the index."""
         text = json.dumps(self.entries, indent=1)
-        _atomic_write_bytes(self.index_path, lambda p: p.write_text(text))
+        with writer_lock(self.dir.parent):
+            _atomic_write_bytes(self.index_path, lambda f: f.write(text.encode()))
 
     def latest(self) -> Path | None:
         return self.dir / max(self.entries, key=lambda e: e["iteration"])["file"] if self.entries else None
