@@ -4,7 +4,8 @@ The velocity fields are trained once; how many steps generation takes (``n_steps
 rule (``solver``: ``euler``, one velocity evaluation per step, or ``midpoint``, two) is chosen at
 generation, so one checkpoint shows what fewer steps cost. For each (solver, steps) the held-out
 report split of ``benchmarks/g4_quality.py`` (the same seeds) is generated and compared with Geant4:
-low-level classifier AUC (the report's ``cpu`` classifier), E_tot/E_inc separation power per energy
+low-level classifier AUC (the evaluator's recipe at ``--classifier`` size, the report's threshold
+and input: ``validate.official``), E_tot/E_inc separation power per energy
 (mean and worst),
 and ONNX Runtime's showers/s at batch 100 on ``--threads`` threads (the exported graph unrolls the steps).
 
@@ -24,7 +25,8 @@ import torch
 
 from registry.pull import session_options
 from trainers.data import load_showers, split_validation
-from validate.classifier import ClassifierConfig, classifier_auc, low_level_features
+from validate import official
+from validate.classifier import SIZES, ClassifierConfig, classifier_auc
 from validate.compare import compare_per_energy
 from zoo import model_from_checkpoint
 from zoo.checkpoint import load_checkpoint
@@ -38,15 +40,16 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True, help="a flow_matching checkpoint (.pt)")
     ap.add_argument("--steps", default="midpoint:12,euler:12,midpoint:6,euler:6", help="SOLVER:N_STEPS,...")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--classifier-epochs", type=int, default=30)
+    ap.add_argument("--classifier", choices=list(SIZES), default="small")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     data = load_showers(args.data, readout=args.readout)
     rest, report = split_validation(data, fraction=0.0, min_per_energy=100, seed=1)  # as g4_quality.py
     train_split, _ = split_validation(rest, fraction=0.0, min_per_energy=50, seed=2)
-    x_report = low_level_features(report.showers, report.energy)
-    ccfg = ClassifierConfig(epochs=args.classifier_epochs)
+    threshold = official.min_energy(official.evaluator_dataset(data.readout))
+    x_report = official.low_level_input(official.apply_threshold(report.showers, threshold), report.energy)
+    ccfg = ClassifierConfig(**SIZES[args.classifier])
     state = load_checkpoint(args.checkpoint)
     print(f"{args.checkpoint}: iteration {state['iteration']}; {len(report)} held-out showers")
     print("| solver | steps | velocity evaluations | AUC low-level | E_tot/E_inc sep. power: mean over energies | worst "
@@ -60,7 +63,8 @@ def main() -> None:
         model.eval()
         gen = model.sample(report.energy, generator=torch.Generator().manual_seed(7)).numpy()
         rows = compare_per_energy(gen, report.energy, report.showers, report.energy, model.readout)
-        auc = classifier_auc(low_level_features(gen, report.energy), x_report, ccfg)["auc"]
+        auc = classifier_auc(official.low_level_input(official.apply_threshold(gen, threshold), report.energy),
+                             x_report, ccfg)["auc"]
         with tempfile.TemporaryDirectory() as tmp:
             path = export_onnx(model, Path(tmp) / "m.onnx", {"model": model.variant})
             speed = _ort_speed(model, path, args.threads)

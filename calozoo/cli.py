@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -753,32 +754,59 @@ def tune(model_name, data_path, mode, num_samples, metric, grace_period, reducti
                f"(trial {best['trial']}): {best['overrides']} -> {Path(result.path) / 'best.json'}")
 
 
-def _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu, labels=None):
+#: ``validate.classifier.SIZES`` (named here so that the CLI starts without importing torch)
+CLASSIFIER_SIZES = ("official", "small", "tiny")
+
+
+def _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, gpu, threads,
+                     labels=None):
+    """The report's config from the validate options; gives torch and numpy's BLAS ``threads``
+    threads (default: the CPUs this process may use) and returns (config, the BLAS limit, a context)."""
+    from threadpoolctl import threadpool_limits
+
+    from trainers.loop import set_threads
     from validate.report import ValidateConfig
 
+    try:
+        n = set_threads(threads)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--threads") from None
     kw = {"labels": tuple(labels)} if labels else {}
-    return ValidateConfig(classifier=classifier, classifier_epochs=epochs, max_showers=max_showers,
-                          per_layer=per_layer, distances=distances, device="cuda" if gpu else "cpu", **kw)
+    try:
+        cfg = ValidateConfig(classifier=classifier, classifier_epochs=epochs, seeds=seeds, dataset=dataset, floor=floor,
+                             max_showers=max_showers, per_layer=per_layer, distances=distances,
+                             device="cuda" if gpu else "cpu", **kw)
+    except ValueError as exc:
+        _fail(exc)
+    return cfg, threadpool_limits(n)  # numpy's BLAS as many threads as torch (FPD's many small eigensolvers)
 
 
-_VALIDATE_OPTIONS = [
-    click.option("--classifier", type=click.Choice(["tiny", "cpu", "full", "none"]), default="cpu", show_default=True,
-                 help="Classifier size: tiny (tests), cpu, full (the CaloChallenge's 3x512, 50 epochs; use --gpu)."),
-    click.option("--epochs", type=click.IntRange(1, 10_000), default=None,
-                 help="Override the classifier's number of epochs."),
-    click.option("--max-showers", type=_SHOWERS, default=50_000, show_default=True,
-                 help="At most this many showers per file."),
-    click.option("--per-layer/--no-per-layer", default=True, show_default=True,
-                 help="Histogram every layer's energy, centres, widths and sparsity."),
-    click.option("--distances/--no-distances", default=True, show_default=True, help="FPD and KPD."),
-    click.option("--gpu", is_flag=True, help="Train the classifier on CUDA."),
-]
-
-
-def _with_validate_options(fn):
-    for opt in reversed(_VALIDATE_OPTIONS):
-        fn = opt(fn)
-    return fn
+def _validate_options(classifier: str):
+    """The options of the validation report (``validate.report.ValidateConfig``), ``classifier``
+    the default size."""
+    return _options(
+        click.option("--classifier", type=click.Choice(["auto", *CLASSIFIER_SIZES, "none"]), default=classifier,
+                     show_default=True,
+                     help="Classifier size: official (the CaloChallenge evaluator's 3x2048 network, float64, 50 "
+                          "epochs), small, tiny (tests), none; auto: official on a readout with the evaluator's "
+                          "binning, else small."),
+        click.option("--epochs", type=click.IntRange(1, 10_000), default=None,
+                     help="Override the classifier's number of epochs."),
+        click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
+                     help="Runs of each classifier with different seeds: the report gives their mean and spread."),
+        click.option("--dataset", type=click.Choice(["auto", "1-photons", "1-pions", "2", "3", "none"]), default="auto",
+                     show_default=True, help="Whose CaloChallenge binning and voxel threshold (auto: from the readout)."),
+        click.option("--floor/--no-floor", default=True, show_default=True,
+                     help="The reference against itself at the generated sample's size, where it has twice as many."),
+        click.option("--max-showers", type=_SHOWERS, default=50_000, show_default=True,
+                     help="At most this many showers per file."),
+        click.option("--per-layer/--no-per-layer", default=True, show_default=True,
+                     help="Histogram every layer's features on the reference's binning too, and draw them."),
+        click.option("--distances/--no-distances", default=True, show_default=True, help="FPD and KPD."),
+        click.option("--gpu", is_flag=True, help="Train the classifier on CUDA."),
+        click.option("--threads", type=int, default=None,
+                     help="torch and BLAS threads (default: the CPUs this process may use)."),
+    )
 
 
 @main.command()
@@ -786,29 +814,35 @@ def _with_validate_options(fn):
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "out_dir", default=None, help="Report folder (default: GENERATED's name + '-validation').")
 @click.option("--readout", default=None, help="Readout name, if the files do not record one.")
-@_with_validate_options
+@_validate_options("auto")
 @click.option("--labels", nargs=2, default=None,
               help="Names of REFERENCE, GENERATED (default: what made each file, from its attributes).")
 @click.option("--mlflow", "use_mlflow", is_flag=True, help="Log the report to MLflow (a new run, or --run-id).")
 @click.option("--run-id", default=None, help="Log into this MLflow run (e.g. the model's training run).")
-def validate(generated, reference, out_dir, readout, classifier, epochs, max_showers, per_layer, distances, gpu, labels,
-             use_mlflow, run_id) -> None:
+def validate(generated, reference, out_dir, readout, classifier, epochs, seeds, dataset, floor, max_showers, per_layer,
+             distances, gpu, threads, labels, use_mlflow, run_id) -> None:
     """Compare GENERATED showers with REFERENCE showers (CaloChallenge HDF5, same readout): a report
-    (markdown + PNGs) of the high-level features, the classifier AUC/JSD and FPD/KPD."""
+    (markdown + PNGs) with the CaloChallenge evaluator's figures (its classifiers over several
+    seeds, its histograms' separation powers, FPD/KPD), each beside the reference's own floor where
+    the reference has twice the generated showers; see docs/validation.md."""
     from validate.report import validate_files
 
     out = Path(out_dir or Path(generated).with_suffix("").as_posix() + "-validation")
-    cfg = _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu, labels)
+    cfg, blas = _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, gpu,
+                                 threads, labels)
     try:
-        m = validate_files(generated, reference, out, cfg, readout=readout, progress=_step_printer("validate"))
+        with blas:
+            m = validate_files(generated, reference, out, cfg, readout=readout, progress=_step_printer("validate"))
     except ValueError as exc:
         _fail(exc)
     h = m["headline"]
-    for key in ("auc_low", "jsd_low", "auc_high", "jsd_high", "fpd", "kpd", "sep_power_etot", "max_long_rel",
-                "max_rad_rel"):
+    for key in ("auc_low", "jsd_low", "auc_high", "jsd_high", "fpd", "kpd", "sep_etot_einc", "sep_voxel_energy",
+                "sep_layers_over_floor_max", "sep_power_etot", "max_long_rel", "max_rad_rel"):
         if key in h:
-            err = f" ± {h[key + '_error']:.2g}" if key + "_error" in h else ""
-            click.echo(f"  {key:16s} {h[key]:.4g}{err}")
+            err = next((f" ± {h[key + s]:.2g}" for s in ("_std", "_error") if key + s in h and math.isfinite(h[key + s])),
+                       "")
+            floor_text = f"  (floor {h[key + '_floor']:.4g})" if key + "_floor" in h else ""
+            click.echo(f"  {key:26s} {h[key]:.4g}{err}{floor_text}")
     click.echo(f"report: {out / 'report.md'}")
     if use_mlflow or run_id:
         from calozoo.tracked import log_report
@@ -834,12 +868,12 @@ def validate(generated, reference, out_dir, readout, classifier, epochs, max_sho
 @click.option("--fail", "thresholds", multiple=True, metavar="METRIC<=VALUE",
               help="A region fails unless METRIC<=VALUE or METRIC>=VALUE (repeatable; default: "
                    "max_sep_power_etot_per_energy<=0.3, max_long_rel<=0.3, max_rad_rel<=0.2).")
-@_with_validate_options
+@_validate_options("small")
 @click.option("--offline", is_flag=True, help="Use cached models only.")
 @click.option("--attach", is_flag=True, help="Add each region's figures (and the reference's floor) to the model "
               "version validated, in the registry.")
-def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias, thresholds, classifier, epochs,
-                       max_showers, per_layer, distances, gpu, offline, attach) -> None:
+def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias, thresholds, classifier, epochs, seeds,
+                       dataset, floor, max_showers, per_layer, distances, gpu, threads, offline, attach) -> None:
     """Validate every region's registered model (CAMPAIGN.REGION@ALIAS, whatever its family) against its
     reference showers; one report per region and a summary table of which regions fail the thresholds."""
     from calozoo.fleet_validation import validate_fleet
@@ -852,11 +886,13 @@ def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fail") from None
     out = Path(out_dir or f"out/validation/{campaign}" + (f".{family}" if family else ""))
-    cfg = _validate_config(classifier, epochs, max_showers, per_layer, distances, gpu)
+    cfg, blas = _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, gpu,
+                                 threads)
     try:
-        rows = validate_fleet(campaign, reference_dir, out, regions=patterns or None, alias=alias, cfg=cfg,
-                              thresholds=thresholds, offline=offline, progress=click.echo, family=family,
-                              attach=attach)
+        with blas:
+            rows = validate_fleet(campaign, reference_dir, out, regions=patterns or None, alias=alias, cfg=cfg,
+                                  thresholds=thresholds, offline=offline, progress=click.echo, family=family,
+                                  attach=attach)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     failing = [r for r in rows if r["fails"]]

@@ -63,7 +63,7 @@ class DemoScale:
     fleet_iterations: int = 3000
     fleet_checkpoint_every: int = 500
     workers: int = 2
-    classifier: str = "cpu"
+    classifier: str = "small"
     plots: bool = True
 
 

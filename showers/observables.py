@@ -40,6 +40,7 @@ __all__ = [
     "layers_binned_in_alpha",
     "longitudinal_profile",
     "occupancy",
+    "radial_moments",
     "radial_profile",
     "radial_profile_per_layer",
     "separation_power",
@@ -243,6 +244,30 @@ def width(showers, readout, empty: float = 0.0) -> tuple[np.ndarray, np.ndarray]
     return m.width_x, m.width_y
 
 
+def radial_moments(showers, readout, empty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Energy-weighted mean and standard deviation of the radius in each layer: (centre_r, width_r),
+    each (N, n_layers), mm.
+
+    The radius of a voxel is its radial bin's midpoint, as the CaloChallenge's ``EC_r`` and
+    ``width_r`` (``HighLevelFeatures.GetECandWidthR``); the width is sqrt(<r²> - <r>²) clipped at 0.
+    empty: value where the quantity is undefined (a layer without energy in that shower, or without
+        voxels); the CaloChallenge's ``+1e-16`` in the denominator gives 0 there, hence the default.
+    """
+    showers, readout = _prepare(showers, readout)
+    r, _ = readout.voxel_centres
+    n = showers.shape[0]
+    centre, spread = np.full((n, readout.n_layers), float(empty)), np.full((n, readout.n_layers), float(empty))
+    for i, sl in enumerate(_layer_slices(readout)):
+        if sl.stop == sl.start:
+            continue
+        s0, s1, s2 = _dot64(showers[:, sl], np.stack([np.ones(sl.stop - sl.start), r[sl], r[sl] ** 2], axis=1)).T
+        ok = s0 > 0
+        m = s1[ok] / s0[ok]
+        centre[ok, i] = m
+        spread[ok, i] = np.sqrt(np.clip(s2[ok] / s0[ok] - m**2, 0.0, None))
+    return centre, spread
+
+
 # -- voxel statistics -------------------------------------------------------------------------------
 def occupancy(showers, readout, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Fraction of voxels with energy strictly above ``threshold`` (MeV).
@@ -303,28 +328,40 @@ def histogram(values, bins, weights=None, label: str | None = None) -> hist.Hist
 #: E_tot / E_inc: 100 bins over 0.5-1.5 (``plot_Etot_Einc``).
 BINS_ETOT_EINC = np.linspace(0.5, 1.5, 101)
 
-#: Lowest voxel / layer energy histogrammed by the CaloChallenge, MeV (``args.min_energy``):
-#: dataset 1 10 MeV, datasets 2 and 3 the 0.5 keV cut scaled by the sampling fraction 0.033.
-CALOCHALLENGE_MIN_ENERGY_MEV = {"1-photons": 10.0, "1-pions": 10.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3 / 0.033}
+#: Lowest voxel energy the CaloChallenge keeps, MeV (``args.min_energy`` of ``evaluate.py``): voxels
+#: below it are set to 0 in both samples before anything is computed, and the energy histograms start
+#: there. Dataset 1: 1 MeV; datasets 2 and 3: the 0.5 keV cut scaled by the sampling fraction 0.033.
+CALOCHALLENGE_MIN_ENERGY_MEV = {"1-photons": 1.0, "1-pions": 1.0, "2": 0.5e-3 / 0.033, "3": 0.5e-3 / 0.033}
+
+_BIN_FEATURES = ("etot_einc", "energy_per_layer", "voxel_energy", "centre", "width", "sparsity", "centre_r",
+                 "width_r")
 
 
 def calochallenge_bins(feature: str, dataset: str = "2", *, e_max: float | None = None,
                        layer: int | None = None) -> np.ndarray:
-    """Bin edges the CaloChallenge evaluation uses for a feature, as in its ``evaluate.py``.
+    """Bin edges the CaloChallenge evaluation uses for a feature, as in its ``evaluate.py`` and
+    ``evaluate_plotting_helper.py``.
 
     feature: "etot_einc" (100 bins, 0.5-1.5), "energy_per_layer" (``np.logspace`` with 40 edges, i.e.
         39 bins, from the dataset's minimum energy to ``e_max``), "voxel_energy" (50 edges likewise),
         "centre" (100 bins over ±lim mm) or "width" (100 bins over 0-lim mm), where lim is 30 mm for
-        datasets 2 and 3, and for dataset 1 500 / 400 mm in layers 12 and 13, else 100 mm.
+        datasets 2 and 3, and for dataset 1 500 / 400 mm in layers 12 and 13, else 100 mm;
+        "sparsity" (20 bins over 0-1), "centre_r" and "width_r" (100 bins over 0-42 and 0-20 mm for
+        datasets 2 and 3; for dataset 1 0-1500 mm in layers 12 to 14, else 0-500 mm): the helper's
+        ``plot_sparsity``, ``plot_ECR`` and ``plot_ECWidthR``, which its histogram mode does not call.
     dataset: "1-photons", "1-pions", "2" or "3".
     e_max: the upper edge in MeV for the energy features (the CaloChallenge takes the maximum of
         the reference sample).
-    layer: the layer index, needed for "centre" and "width" in dataset 1.
+    layer: the layer index, needed for the transverse and radial features in dataset 1.
     """
     if dataset not in CALOCHALLENGE_MIN_ENERGY_MEV:
         raise ValueError(f"unknown CaloChallenge dataset {dataset!r}; known: {sorted(CALOCHALLENGE_MIN_ENERGY_MEV)}")
+    if feature not in _BIN_FEATURES:
+        raise ValueError(f"unknown feature {feature!r}; known: {', '.join(_BIN_FEATURES)}")
     if feature == "etot_einc":
         return BINS_ETOT_EINC.copy()
+    if feature == "sparsity":
+        return np.linspace(0.0, 1.0, 21)
     if feature in ("energy_per_layer", "voxel_energy"):
         if e_max is None:
             raise ValueError(f"{feature} bins need e_max (MeV), the maximum of the reference sample")
@@ -332,16 +369,18 @@ def calochallenge_bins(feature: str, dataset: str = "2", *, e_max: float | None 
         if e_max <= e_min:
             raise ValueError(f"e_max={e_max} MeV is not above the minimum energy {e_min} MeV")
         n_edges = 40 if feature == "energy_per_layer" else 50
-        return np.logspace(np.log10(e_min), np.log10(e_max), n_edges)
-    if feature in ("centre", "width"):
-        if dataset in ("2", "3"):
-            lim = 30.0
-        else:
-            if layer is None:
-                raise ValueError("dataset 1 centre/width bins depend on the layer: pass layer=")
-            lim = (500.0 if feature == "centre" else 400.0) if layer in (12, 13) else 100.0
-        return np.linspace(-lim, lim, 101) if feature == "centre" else np.linspace(0.0, lim, 101)
-    raise ValueError(f"unknown feature {feature!r}; known: etot_einc, energy_per_layer, voxel_energy, centre, width")
+        edges = np.logspace(np.log10(e_min), np.log10(e_max), n_edges)
+        edges[-1] = e_max  # 10**log10(x) may round below x: the largest value stays in the last bin
+        return edges
+    if dataset in ("2", "3"):
+        lim = {"centre": 30.0, "width": 30.0, "centre_r": 42.0, "width_r": 20.0}[feature]
+    elif layer is None:
+        raise ValueError(f"dataset 1 {feature} bins depend on the layer: pass layer=")
+    elif feature in ("centre", "width"):
+        lim = (500.0 if feature == "centre" else 400.0) if layer in (12, 13) else 100.0
+    else:
+        lim = 1500.0 if layer in (12, 13, 14) else 500.0
+    return np.linspace(-lim, lim, 101) if feature == "centre" else np.linspace(0.0, lim, 101)
 
 
 # -- histogram comparisons --------------------------------------------------------------------------

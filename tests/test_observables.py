@@ -176,6 +176,24 @@ def test_two_opposite_voxels_weighted_mean_and_std():
     assert (m.width_x[0, layer], m.width_y[0, layer]) == pytest.approx((g * abs(px), g * abs(py)), abs=1e-6)
 
 
+@pytest.mark.parametrize("readout", [REGULAR, IRREGULAR], ids=lambda r: r.name)
+def test_radial_moments_of_two_rings(readout):
+    """Weights w1, w2 at the midpoints r1, r2 of two radial bins (any angles): mean and standard
+    deviation of two points; a layer without energy (or voxels) gives ``empty``."""
+    layer = readout.active_layers[-1]
+    lay = readout.layers[layer]
+    (ia, ir1), (ib, ir2), w1, w2 = (0, 0), (lay.n_alpha - 1, lay.n_r - 1), 3.0, 1.0
+    showers = np.zeros((1, readout.n_voxels))
+    showers[0, _voxel(readout, layer, ia, ir1)] = w1
+    showers[0, _voxel(readout, layer, ib, ir2)] = w2
+    r1, r2 = _centre_xy(readout, layer, ia, ir1)[2], _centre_xy(readout, layer, ib, ir2)[2]
+    centre, width = obs.radial_moments(showers, readout, empty=-1.0)
+    assert centre[0, layer] == pytest.approx((w1 * r1 + w2 * r2) / (w1 + w2), rel=1e-12)
+    assert width[0, layer] == pytest.approx(abs(r2 - r1) * math.sqrt(w1 * w2) / (w1 + w2), rel=1e-9)
+    others = np.arange(readout.n_layers) != layer
+    assert (centre[0, others] == -1.0).all() and (width[0, others] == -1.0).all()
+
+
 def test_layers_without_angular_bins_have_no_transverse_centre():
     # cc1-photons layers 0 and 3 have a single alpha bin: a voxel's "x" would just be its radius.
     assert obs.layers_binned_in_alpha(IRREGULAR) == [1, 2]
@@ -233,17 +251,22 @@ def test_calochallenge_bins():
     e = obs.calochallenge_bins("etot_einc")
     assert len(e) == 101 and e[0] == 0.5 and e[-1] == 1.5
     layer = obs.calochallenge_bins("energy_per_layer", "1-photons", e_max=1e5)
-    assert len(layer) == 40 and layer[0] == pytest.approx(10.0) and layer[-1] == pytest.approx(1e5)
-    np.testing.assert_allclose(np.diff(np.log(layer)), np.log(1e4) / 39)
+    assert len(layer) == 40 and layer[0] == pytest.approx(1.0) and layer[-1] == pytest.approx(1e5)
+    np.testing.assert_allclose(np.diff(np.log(layer)), np.log(1e5) / 39)
     vox = obs.calochallenge_bins("voxel_energy", "2", e_max=1e3)
     assert len(vox) == 50 and vox[0] == pytest.approx(0.5e-3 / 0.033)
     assert obs.calochallenge_bins("centre", "1-pions", layer=12)[0] == -500.0
     assert obs.calochallenge_bins("width", "1-pions", layer=1)[-1] == 100.0
     assert obs.calochallenge_bins("centre", "3")[-1] == 30.0
+    assert len(obs.calochallenge_bins("sparsity")) == 21
+    assert obs.calochallenge_bins("centre_r", "2")[-1] == 42.0 and obs.calochallenge_bins("width_r", "3")[-1] == 20.0
+    assert obs.calochallenge_bins("centre_r", "1-pions", layer=14)[-1] == 1500.0
     with pytest.raises(ValueError, match="e_max"):
         obs.calochallenge_bins("energy_per_layer", "2")
     with pytest.raises(ValueError, match="layer"):
         obs.calochallenge_bins("width", "1-photons")
+    with pytest.raises(ValueError, match="unknown feature"):
+        obs.calochallenge_bins("depth")
 
 
 def test_separation_power_closed_forms():

@@ -22,7 +22,7 @@ import numpy as np
 
 from validate.report import headline
 
-__all__ = ["DEFAULT_THRESHOLDS", "parse_threshold", "summarise", "write_summary"]
+__all__ = ["DEFAULT_THRESHOLDS", "failures", "parse_threshold", "summarise", "write_summary"]
 
 #: what a region must meet by default: E_tot/E_inc and the mean profiles close to the reference.
 DEFAULT_THRESHOLDS = ("max_sep_power_etot_per_energy<=0.3", "max_long_rel<=0.3", "max_rad_rel<=0.2")
@@ -39,7 +39,9 @@ def parse_threshold(text: str) -> tuple[str, str, float]:
     return m.group(1), m.group(2), float(m.group(3))
 
 
-def _failures(row: dict, thresholds) -> list[str]:
+def failures(row: dict, thresholds) -> list[str]:
+    """Why ``row`` (a headline, or an "error") fails the ``thresholds`` (METRIC<=VALUE...): one reason
+    each, a figure that is not in the row among them; empty when it passes."""
     if "error" in row:
         return [row["error"]]
     out = []
@@ -60,7 +62,7 @@ def write_summary(rows: list[dict], out_dir, thresholds=DEFAULT_THRESHOLDS) -> l
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        row["fails"] = _failures(row, thresholds)
+        row["fails"] = failures(row, thresholds)
     rows = sorted(rows, key=lambda r: (not r["fails"], r["region"]))
     cols = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
     failing = [r for r in rows if r["fails"]]
