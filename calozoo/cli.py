@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -30,24 +31,91 @@ class _UsageLine(click.ClickException):
     exit_code = 2
 
 
+#: the top-level help's sections: the commands in the order of the work
+SECTIONS = (
+    ("Data", ("catalogue", "simulate", "voxelise", "show", "calibrate")),
+    ("Training", ("train", "fleet", "tune")),
+    ("Registry", ("register", "models", "promote")),
+    ("Inference", ("generate", "export")),
+    ("Validation", ("validate", "validate-fleet")),
+    ("MLflow", ("mlflow", "mlflow-sync")),
+    ("Demo", ("demo",)),
+)
+
+
 class _Main(click.Group):
     """The command group; what a command lets through of the errors that bad input raises (data,
     configs, registry lookups, files, runtime refusals) still ends in one line and a non-zero exit,
     not a traceback (``CALOZOO_DEBUG=1`` shows the traceback). Usage errors too end in one line,
-    which names the command's ``--help`` instead of printing the usage block above it."""
+    which names the command's ``--help`` instead of printing the usage block above it. The help
+    lists the commands in the order of the work (:data:`SECTIONS`), each with its whole ``short_help``."""
+
+    def list_commands(self, ctx):
+        ordered = [name for _, names in SECTIONS for name in names if name in self.commands]
+        return ordered + sorted(set(self.commands) - set(ordered))
+
+    def format_commands(self, ctx, formatter):
+        width = max(map(len, self.commands))  # one column for the descriptions, across the sections
+        listed = set()
+        for title, names in (*SECTIONS, ("Other", tuple(self.list_commands(ctx)))):
+            rows = [(n.ljust(width), self.commands[n].get_short_help_str(limit=1000)) for n in names
+                    if n in self.commands and n not in listed and not self.commands[n].hidden]
+            listed.update(n.strip() for n, _ in rows)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    @staticmethod
+    def _usage_line(exc: click.UsageError, where: str) -> _UsageLine:
+        where = exc.ctx.command_path if exc.ctx is not None else where
+        return _UsageLine(f"{' '.join(exc.format_message().split())} (see `{where} --help`)")
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # the group's own options (--tracking-uri) are parsed here, before invoke
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise self._usage_line(exc, info_name or "calozoo") from exc
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            raise _UsageLine(f"{' '.join(exc.format_message().split())} (see `{where} --help`)") from exc
+            raise self._usage_line(exc, ctx.command_path) from exc
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except (ValueError, LookupError, OSError, RuntimeError, FloatingPointError) as exc:
             if os.environ.get("CALOZOO_DEBUG"):
                 raise
             raise click.ClickException(_one_line(exc)) from exc
+
+
+#: where ``--tracking-uri`` (the group's or a command's) leaves the store it names (``ctx.meta`` is
+#: shared by the group's context and its command's)
+_STORE = "calozoo.tracking_uri"
+
+
+def _use_store(ctx, param, value):
+    """``--tracking-uri``: checked now, before any work (a store that cannot be one is named), and made
+    this process's MLFLOW_TRACKING_URI; a command's option, parsed after the group's, wins."""
+    if value:
+        from registry.tracking import check_store
+
+        try:
+            check_store(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        os.environ["MLFLOW_TRACKING_URI"] = value
+        ctx.meta[_STORE] = value
+    return value
+
+
+def _tracking_option(help: str = "MLflow tracking store, e.g. sqlite:///out/demo/mlflow.db (default: "
+                                 "MLFLOW_TRACKING_URI, else ./mlflow.db)."):
+    return click.option("--tracking-uri", metavar="URI", default=None, expose_value=False, callback=_use_store,
+                        help=help)
 
 
 def _energies(text: str) -> tuple[float, ...]:
@@ -73,24 +141,17 @@ _SHOWERS = click.IntRange(1, 10**9)
 _BATCH = click.IntRange(1, 10**7)
 
 
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="calozoo")
-@click.option("--tracking-uri", default=None, metavar="URI",
-              help="MLflow tracking store of this command, e.g. sqlite:///out/demo/mlflow.db (default: "
-                   "MLFLOW_TRACKING_URI, else ./mlflow.db).")
-def main(tracking_uri) -> None:
-    """calozoo: ML fast calorimeter simulation, from showers to registered ONNX models."""
-    if tracking_uri:
-        from registry.tracking import check_store
+@_tracking_option("MLflow tracking store of the command, e.g. sqlite:///out/demo/mlflow.db (default: "
+                  "MLFLOW_TRACKING_URI, else ./mlflow.db); every command that uses MLflow takes it too.")
+def main() -> None:
+    """calozoo: ML fast calorimeter simulation, from showers to registered ONNX models.
 
-        try:
-            check_store(tracking_uri)  # a store that cannot be one is named now, before any work
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--tracking-uri") from None
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    Energies typed on the command line are GeV; the files and the Python API hold MeV."""
 
 
-@main.command()
+@main.command(short_help="List the built-in readouts, detectors and media.")
 def catalogue() -> None:
     """List the built-in readouts, detectors and media."""
     from showers.detector import get_detector, list_detectors
@@ -108,7 +169,7 @@ def catalogue() -> None:
     click.echo("media: " + ", ".join(list_media()))
 
 
-@main.command()
+@main.command(short_help="Simulate detector regions into CaloChallenge HDF5 files.")
 @click.option("--detector", default="atlas-like", show_default=True, help="Detector (see `calozoo catalogue`).")
 @click.option("--regions", "patterns", multiple=True, help="Region name or glob, e.g. 'photon_eta_02*' (repeatable).")
 @click.option("--particles", multiple=True, help="Only these particles (photon, electron, pion).")
@@ -118,7 +179,8 @@ def catalogue() -> None:
               help="Showers per energy (in all with --log-uniform).")
 @click.option("--log-uniform", is_flag=True, help="Sample energies log-uniformly between the two --energies.")
 @click.option("--seed", type=_SEED, default=1234, show_default=True)
-@click.option("-o", "--out", "out_dir", default="calozoo-data", show_default=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Campaign folder, one <region>.h5 per region (default: out/simulate/DETECTOR).")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray).")
 @click.option("--no-ray", is_flag=True, help="Run the regions in this process, one after the other.")
 @click.option("--num-cpus", type=click.IntRange(1, 4096), default=None, help="CPUs for a local Ray (default: all).")
@@ -130,6 +192,7 @@ def simulate(detector, patterns, particles, eta, energies, n_per_energy, log_uni
     from showers.campaign import CampaignSpec, run_campaign
     from showers.detector import get_detector
 
+    out_dir = out_dir or f"out/simulate/{detector}"
     try:
         det = get_detector(detector)
         regions = det.select(list(patterns) or None, list(particles) or None, eta)
@@ -148,9 +211,10 @@ def simulate(detector, patterns, particles, eta, energies, n_per_energy, log_uni
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Plot a shower file's profiles and E_tot/E_inc to a PNG.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--out", "out_png", default=None, help="PNG to write (default: next to the file).")
+@click.option("-o", "--out", "out_png", default=None, help="PNG to write (default: out/show/NAME.png, NAME the file's "
+              "name without .h5).")
 @click.option("--readout", default=None, help="Readout name or XML, if the file does not record one.")
 @click.option("--max-showers", type=_SHOWERS, default=20000, show_default=True)
 def show(path, out_png, readout, max_showers) -> None:
@@ -158,7 +222,7 @@ def show(path, out_png, readout, max_showers) -> None:
     from showers.errors import ShowerDataError
     from showers.plots import plot_file
 
-    out_png = out_png or str(Path(path).with_suffix(".png"))
+    out_png = out_png or str(Path("out/show") / f"{Path(path).stem}.png")
     try:
         written = plot_file(path, out_png, readout=readout, max_showers=max_showers)
     except (ShowerDataError, KeyError, ValueError) as exc:
@@ -166,7 +230,7 @@ def show(path, out_png, readout, max_showers) -> None:
     click.echo(f"wrote {written}")
 
 
-@main.command()
+@main.command(short_help="Voxelise a Geant4 EDM4hep event into a CaloChallenge file.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "out_h5", required=True, help="CaloChallenge HDF5 file to write.")
 @click.option("--collections", default="ECalBarrelSiHitsEven,ECalBarrelSiHitsOdd", show_default=True,
@@ -191,7 +255,7 @@ def voxelise(path, out_h5, collections, entry) -> None:
                f"{outside.sum():.1f} MeV outside -> {out_h5}")
 
 
-@main.command()
+@main.command(short_help="Compare (or fit) the built-in simulator to Geant4 showers.")
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False))
 @click.option("--readout", default="g4-pbwo4", show_default=True)
 @click.option("--medium", default="PbWO4", show_default=True)
@@ -262,9 +326,119 @@ def _options(*decorators):
     return apply
 
 
-def _training_options(device: bool):
-    """The options of ``trainers.loop.TrainConfig``, handed to the command as ``train``; with
-    ``device``, also --device and --threads (a fleet's workers and a sweep's trials get theirs from Ray)."""
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """What a command runs torch on (``--device``) and with how much (``--cpus``, ``--gpus``).
+
+    device: train, validate: auto, cpu, cuda or cuda:N; fleet, tune: cpu or cuda (Ray gives each
+    worker or trial its GPUs). cpus: train: torch threads (None: the CPUs this process may use);
+    validate: torch and BLAS threads; fleet: per worker; tune: per trial. gpus: per worker or trial
+    (fleet, tune; 0 on the CPU)."""
+
+    device: str
+    cpus: float | None
+    gpus: float = 0.0
+
+
+_CPUS = click.IntRange(1, 4096)
+_GPUS = click.FloatRange(0, 64)
+#: per kind of command: --device's default and help, --cpus's type, default and help, --gpus's help
+#: (None: no GPU count), and the former spellings (hidden) with what each stands for
+_DEVICE_KINDS = {
+    "train": ("auto", "What torch runs on: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.",
+              _CPUS, None, "torch threads (default: the CPUs this process may use).", None,
+              {"--threads": "cpus"}),
+    "validate": ("cpu", "What the classifiers run on: cpu, cuda, cuda:N or auto (CUDA when present).",
+                 _CPUS, None, "torch and BLAS threads (default: the CPUs this process may use).", None,
+                 {"--threads": "cpus", "--gpu": "device"}),
+    "fleet": ("cpu", "What the workers run on: cpu, cuda (a GPU per worker, or --gpus each) or auto (cuda where "
+                     "this machine has a GPU).",
+              _CPUS, 1, "CPUs (and torch threads) per worker.",
+              "GPUs per worker (default with --device cuda: 1; a fraction shares a GPU); --gpus alone means "
+              "--device cuda.",
+              {"--cpus-per-worker": "cpus", "--gpu": "device"}),
+    "tune": ("cpu", "What the trials run on: cpu, cuda (a GPU per trial, or --gpus each) or auto (cuda where this "
+                    "machine has a GPU).",
+             click.FloatRange(0, 4096, min_open=True), 1.0, "CPUs per trial (its torch threads: the whole part).",
+             "GPUs per trial (default with --device cuda: 1; fractions pack small trials onto a GPU; refused if the "
+             "Ray cluster has no GPU); --gpus alone means --device cuda.",
+             {"--cpus-per-trial": "cpus", "--gpus-per-trial": "gpus"}),
+}
+
+
+def _device_options(kind: str):
+    """--device, --cpus and (fleet, tune) --gpus: one vocabulary on every command that runs torch,
+    handed over as ``devices`` (:class:`Devices`). The former spellings (``_DEVICE_KINDS``) are
+    hidden options that stand for the new ones, so that scripts written with them still run."""
+    device_default, device_help, cpus_type, cpus_default, cpus_help, gpus_help, former = _DEVICE_KINDS[kind]
+    opts = [click.option("--device", default=device_default, show_default=True,
+                         metavar="auto|cpu|cuda" + ("" if gpus_help else "|cuda:N"), help=device_help),
+            click.option("--cpus", type=cpus_type, default=cpus_default, show_default=cpus_default is not None,
+                         help=cpus_help)]
+    if gpus_help:
+        opts.append(click.option("--gpus", type=_GPUS, default=None, help=gpus_help))
+    for flag, target in former.items():
+        dest = "former_" + flag.strip("-").replace("-", "_")
+        opts.append(click.option(flag, dest, is_flag=True, hidden=True) if target == "device" else
+                    click.option(flag, dest, type=cpus_type if target == "cpus" else _GPUS, default=None, hidden=True))
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, device, cpus, gpus=None, **kw):
+            from click.core import ParameterSource
+
+            ctx = click.get_current_context()
+            values = {"device": device, "cpus": cpus, "gpus": gpus}
+            given = {name: ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT,
+                                                                    ParameterSource.DEFAULT_MAP)
+                     for name in values}
+            for flag, target in former.items():
+                value = kw.pop("former_" + flag.strip("-").replace("-", "_"))
+                if value is None or value is False:
+                    continue
+                if given[target]:
+                    raise click.UsageError(f"{flag} is the former spelling of --{target}: give --{target} alone")
+                values[target], given[target] = "cuda" if target == "device" else value, True
+            return fn(*args, devices=_devices(kind, values, given), **kw)
+
+        return _options(*opts)(wrapper)
+
+    return decorate
+
+
+def _devices(kind: str, values: dict, given: dict) -> Devices:
+    """The devices of a command from its options (:func:`_device_options`). A single process checks its
+    device when it starts (``trainers.loop.resolve_device``); a fleet's workers and a sweep's trials are
+    placed by Ray, which gives each its GPUs: there, cuda:N has no meaning and a GPU count does."""
+    device, cpus, gpus = str(values["device"]).strip().lower(), values["cpus"], values["gpus"]
+    if kind in ("train", "validate"):
+        return Devices(device, cpus)
+    who = "worker" if kind == "fleet" else "trial"
+    if device.startswith("cuda:"):
+        raise click.BadParameter(f"{device!r}: Ray gives each {who} its GPUs; give --device cuda (and --gpus per "
+                                 f"{who})", param_hint="--device")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if gpus or torch.cuda.is_available() else "cpu"
+    elif device not in ("cpu", "cuda"):
+        raise click.BadParameter(f"expected auto, cpu or cuda, got {device!r}", param_hint="--device")
+    if gpus and device == "cpu":
+        if given["device"]:
+            raise click.BadParameter(f"--gpus {gpus:g} with --device cpu: give --device cuda, or no --gpus",
+                                     param_hint="--gpus")
+        device = "cuda"
+    if device == "cuda":
+        gpus = 1.0 if gpus is None else float(gpus)
+        if gpus == 0:
+            raise click.BadParameter(f"--device cuda with --gpus 0: give each {who} a GPU or a share of one "
+                                     "(e.g. --gpus 0.5), or --device cpu", param_hint="--gpus")
+    return Devices(device, cpus, gpus or 0.0)
+
+
+def _training_options(fn):
+    """The options of ``trainers.loop.TrainConfig``, handed to the command as ``train`` (its device is
+    the command's ``--device``, :func:`_device_options`)."""
     opts = [
         click.option("--iterations", default=2000, show_default=True, help="Training iterations per model."),
         click.option("--checkpoint-every", default=500, show_default=True,
@@ -275,33 +449,19 @@ def _training_options(device: bool):
                      help="Seeds the weights, the data split and the batches."),
         click.option("--bf16", is_flag=True, help="bf16 autocast on CUDA."),
     ]
-    if device:
-        opts += [click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
-                 click.option("--threads", type=int, default=None,
-                              help="torch threads (default: the CPUs this process may use).")]
 
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, iterations, checkpoint_every, incremental_every, seed, bf16, **kw):
-            from trainers.loop import TrainConfig, set_threads
+    @functools.wraps(fn)
+    def wrapper(*args, iterations, checkpoint_every, incremental_every, seed, bf16, **kw):
+        from trainers.loop import TrainConfig
 
-            extra = {}
-            if device:
-                extra["device"] = kw.pop("device")
-                try:
-                    set_threads(kw.pop("threads"))
-                except ValueError as exc:
-                    raise click.BadParameter(str(exc), param_hint="--threads") from None
-            try:
-                train = TrainConfig(iterations=iterations, checkpoint_every=checkpoint_every, seed=seed, bf16=bf16,
-                                    incremental_every=incremental_every, **extra)
-            except ValueError as exc:
-                _fail(exc)
-            return fn(*args, train=train, **kw)
+        try:
+            train = TrainConfig(iterations=iterations, checkpoint_every=checkpoint_every, seed=seed, bf16=bf16,
+                                incremental_every=incremental_every)
+        except ValueError as exc:
+            _fail(exc)
+        return fn(*args, train=train, **kw)
 
-        return _options(*opts)(wrapper)
-
-    return decorate
+    return _options(*opts)(wrapper)
 
 
 def _split_options(fn):
@@ -341,13 +501,14 @@ def _model_options(fn):
                      help="A sweep's best.json: its model config overrides (then --set on top)."))(wrapper)
 
 
-@main.command()
+@main.command(short_help="Train one model on showers, resuming from its run folder.")
 @click.argument("model_name", metavar="MODEL")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="CaloChallenge HDF5 file, or a folder of them (same readout).")
 @click.option("--readout", default=None, help="Readout of the data if the file does not record one.")
 @click.option("-o", "--out", "out_dir", default=None, help="Run folder (default: out/train/MODEL).")
-@_training_options(device=True)
+@_device_options("train")
+@_training_options
 @_split_options
 @_model_options
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if the run folder has checkpoints.")
@@ -355,23 +516,31 @@ def _model_options(fn):
               "'campaign' or 'detector' attribute, else the file name).")
 @click.option("--region", default=None, help="Detector region (default: the data's 'region' attribute, else 'all').")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True,
-              help="Track the run in MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).")
+              help="Track the run in MLflow (--tracking-uri, else MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@_tracking_option()
 @click.option("--register", "do_register", is_flag=True,
               help="Then select the best checkpoint, export it to ONNX, gate and register it (see `calozoo register`).")
-def train(model_name, data_path, readout, out_dir, train, split, overrides, no_resume, campaign, region, use_mlflow,
-          do_register) -> None:
-    """Train one model on showers; resumes from the run folder's latest checkpoint."""
+def train(model_name, data_path, readout, out_dir, devices, train, split, overrides, no_resume, campaign, region,
+          use_mlflow, do_register) -> None:
+    """Train one MODEL (a variant: `calozoo models --variants`) on showers, on the data's readout;
+    resumes from the run folder's latest checkpoint."""
     import torch
 
     from calozoo.tracked import run_labels, train_tracked
     from showers.errors import ShowerDataError
     from showers.lock import writer_lock
     from trainers.data import load_showers
+    from trainers.loop import set_threads
     from trainers.loop import train as run_training
     from zoo import create_model_for
 
     if do_register and not use_mlflow:
         raise click.UsageError("--register needs MLflow tracking (drop --no-mlflow)")
+    try:
+        train = dataclasses.replace(train, device=devices.device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    set_threads(devices.cpus)
     out = Path(out_dir or f"out/train/{model_name}")
     try:
         data = load_showers(data_path, readout=readout)
@@ -437,22 +606,26 @@ def _publication_line(pub) -> str:
             + (" -> @champion" if pub.champion else ""))
 
 
-@main.command()
+@main.command(short_help="Export, gate and register a run's best checkpoint.")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--campaign", default=None, help="Default: the campaign the run was tracked with.")
 @click.option("--region", default=None, help="Default: the region the run was tracked with.")
+@_tracking_option()
 def register(run_dir, campaign, region) -> None:
-    """Register a tracked run's best checkpoint: select it (the validation criterion), export it to
-    ONNX with its metadata, check ONNX Runtime against the torch model in float64 (the parity gate),
-    register it as CAMPAIGN.REGION (the family a tag of the version) and make it @champion if its
-    criterion beats the current champion's, whatever that one's family."""
+    """Register a tracked run's best checkpoint: select it (the validation criterion: the summed
+    chi2/ndf of E_tot/E_inc, the layer energies and their centres and widths against held-out
+    showers), export it to ONNX with its metadata, check ONNX Runtime against the torch model in
+    float64 (the parity gate), register it as CAMPAIGN.REGION (the family a tag of the version) and
+    make it @champion if its criterion is smaller than the current champion's on the same held-out
+    showers, whatever that one's family (docs/registry.md)."""
     _register(run_dir, campaign, region)
 
 
-@main.command()
+@main.command(short_help="Make a version @champion by hand, recording why.")
 @click.argument("name")
 @click.argument("version")
 @click.option("--reason", required=True, help="Why this version is the champion (recorded on the version).")
+@_tracking_option()
 def promote(name, version, reason) -> None:
     """Make VERSION of the registered model NAME its @champion by hand, recording why (its
     champion_decision tag). Pulls follow the alias at once; so they do when it is moved in the MLflow UI."""
@@ -468,7 +641,7 @@ def promote(name, version, reason) -> None:
                + f": {reason}")
 
 
-@main.command()
+@main.command(short_help="Generate showers with a registered model into a file.")
 @click.argument("ref", metavar="NAME[@ALIAS|@VERSION]")
 @click.option("--energies", required=True, help="Incident energies in GeV, comma-separated.")
 @click.option("-n", "--n-per-energy", type=_SHOWERS, default=1000, show_default=True)
@@ -479,6 +652,7 @@ def promote(name, version, reason) -> None:
 @click.option("--allow-extrapolation", is_flag=True, help="Allow conditions outside the trained range.")
 @click.option("--offline", is_flag=True, help="Use the local cache only.")
 @click.option("-o", "--out", "out_h5", required=True, help="CaloChallenge HDF5 file to write.")
+@_tracking_option()
 def generate(ref, energies, n_per_energy, angle, geometry, seed, batch_size, allow_extrapolation, offline,
              out_h5) -> None:
     """Generate showers with a registered model into a CaloChallenge HDF5 file (MeV), written in
@@ -523,7 +697,28 @@ def generate(ref, energies, n_per_energy, angle, geometry, seed, batch_size, all
     click.echo(f"{total} showers from {gen.name} v{gen.version} ({gen.providers[0]}) -> {out_h5}")
 
 
-@main.command("mlflow")
+@main.command(short_help="Write a registered model as ONNX + contract to a folder.")
+@click.argument("ref", metavar="NAME[@ALIAS|@VERSION]")
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder to write (default: out/export/NAME).")
+@click.option("--offline", is_flag=True, help="Use the local cache only.")
+@_tracking_option()
+def export(ref, out_dir, offline) -> None:
+    """Write a registered model (NAME@champion by default) to a folder for a simulation framework:
+    model.onnx, contract.json (its inputs, output, units, condition encoding, noise, readout and
+    provenance) and README.txt (how to call it with plain ONNX Runtime)."""
+    from registry.contract import export_model
+    from registry.pull import RegistryError
+
+    try:
+        out, c = export_model(ref, out_dir, offline=offline)
+    except (RegistryError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"{c['registered_name']} v{c['version']} ({c['model']}, {c['readout']['n_voxels']} voxels) -> "
+               f"{out}/model.onnx, contract.json, README.txt")
+
+
+@main.command("mlflow", short_help="Start an MLflow tracking server for a team.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0: the network).")
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--backend-store-uri", default=None, help="sqlite:///... or postgresql://... (default: ./mlflow.db).")
@@ -539,16 +734,21 @@ def mlflow_server(host, port, backend_store_uri, artifacts_destination) -> None:
     os.execvpe(cmd[0], cmd, server_env())
 
 
-@main.command("mlflow-sync")
+@main.command("mlflow-sync", short_help="Log what a run could not log while its server was away.")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--tracking-uri", default=None,
+@click.option("--to", "to_uri", default=None, metavar="URI",
               help="Log into this store instead of the one the run recorded when it started (the shell's "
-                   "MLFLOW_TRACKING_URI is not used).")
-def mlflow_sync(run_dir, tracking_uri) -> None:
+                   "MLFLOW_TRACKING_URI is never used).")
+@_tracking_option("The same as --to here, the store to log into (so does the option before the command).")
+def mlflow_sync(run_dir, to_uri) -> None:
     """Log what a run could not log while its tracking server was away, into the store it was
-    tracked in."""
+    tracked in (or the one --to names)."""
     from registry.tracking import flush_pending, pending_count, recorded_run
 
+    named = click.get_current_context().meta.get(_STORE)  # --tracking-uri, the command's or the group's
+    if to_uri and named and to_uri != named:
+        raise click.UsageError(f"--to {to_uri} and --tracking-uri {named} name two stores: give one")
+    tracking_uri = to_uri or named
     try:
         before = pending_count(run_dir)
         left = flush_pending(run_dir, uri=tracking_uri)
@@ -561,13 +761,19 @@ def mlflow_sync(run_dir, tracking_uri) -> None:
                else f"{run_dir}: nothing was pending")
 
 
-@main.command()
+@main.command(short_help="List registered models and champions, or --variants.")
 @click.option("--filter", "pattern", default=None, help="Only names containing this.")
+@click.option("--variants", is_flag=True, help="List the zoo's model variants instead (the MODEL of train, fleet and "
+              "tune), with their family and default readout; no MLflow needed.")
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seconds to wait for the tracking server per request.")
-def models(pattern, timeout) -> None:
+@_tracking_option()
+def models(pattern, variants, timeout) -> None:
     """List the registered models (one per region), their versions and champions: the champion's family
-    and the figure it won on (its validation criterion)."""
+    and the figure it won on (its validation criterion). With --variants: the zoo's model variants."""
+    if variants:
+        _list_variants(pattern)
+        return
     from registry.pull import RegistryError, list_models
 
     try:
@@ -584,40 +790,49 @@ def models(pattern, timeout) -> None:
         click.echo(line + ("  [former naming CAMPAIGN.FAMILY.REGION]" if r["legacy"] else ""))
 
 
-@main.command()
+def _list_variants(pattern: str | None) -> None:
+    """One line per variant of the zoo: its family and the readout it has unless the data gives it one."""
+    from zoo import create_model, list_models
+
+    names = [n for n in list_models() if not pattern or pattern in n]
+    click.echo(f"{'variant':22s} {'family':14s} default readout (training takes the data's readout)")
+    for name in names:
+        m = create_model(name)
+        click.echo(f"{name:22s} {m.family:14s} {m.readout.name} ({m.readout.n_voxels} voxels)")
+
+
+@main.command(short_help="Train one model per detector region on Ray Train workers.")
 @click.argument("model_name", metavar="MODEL")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Campaign folder: one <region>.h5 per region (calozoo simulate writes one).")
 @click.option("--regions", "patterns", multiple=True, help="Region name or glob (repeatable; default: all).")
 @click.option("-o", "--out", "out_dir", default=None, help="Fleet folder on shared storage (default: out/fleet/MODEL).")
-@click.option("--workers", type=click.IntRange(1, 4096), default=2, show_default=True,
-              help="Ray Train workers (one GPU each with --gpu).")
-@click.option("--cpus-per-worker", type=click.IntRange(1, 4096), default=1, show_default=True,
-              help="CPUs (and torch threads) of a CPU worker.")
-@click.option("--gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--workers", type=click.IntRange(1, 4096), default=2, show_default=True, help="Ray Train workers.")
+@_device_options("fleet")
 @click.option("--address", default=None, help="Ray cluster address (default: a local Ray, or RAY_ADDRESS).")
 @click.option("--max-failures", type=click.IntRange(0, 4096), default=3, show_default=True,
               help="Worker failures to recover from.")
-@_training_options(device=False)
+@_training_options
 @_split_options
 @_model_options
 @click.option("--bank-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="At most this many regions of one voxel count per bank (on a CPU, fewer for big regions).")
 @click.option("--init", "init_checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Start every region from this checkpoint (a Reptile meta-initialisation): a meta-adapted fleet.")
-@click.option("--campaign", default=None, help="MLflow experiment (default: the data folder's name).")
+@click.option("--campaign", default=None, help="MLflow experiment and registry prefix (default: the data files' "
+              "'campaign' or 'detector' attribute, else the first file's name; as `calozoo train` picks it).")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
+@_tracking_option()
 @click.option("--plots/--no-plots", default=True, show_default=True, help="A validation plot per region.")
 @click.option("--register", "do_register", is_flag=True,
               help="Then register every region's best checkpoint (as CAMPAIGN.REGION; docs/registry.md).")
 @click.option("--register-workers", type=_POSITIVE, default=1, show_default=True,
               help="With --register: processes that export and gate the regions while this one registers them "
                    "(more pay where regions cannot share an exported graph, e.g. flow matching's).")
-def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu, address, max_failures, train, split,
+def fleet(model_name, data_dir, patterns, out_dir, workers, devices, address, max_failures, train, split,
           overrides, bank_size, init_checkpoint, campaign, use_mlflow, plots, do_register, register_workers) -> None:
-    """Train one MODEL per detector region on Ray Train workers, as banks of stacked models."""
-    import dataclasses
-
+    """Train one MODEL per detector region (each on its region's readout) on Ray Train workers, as
+    banks of stacked models."""
     if do_register and not use_mlflow:
         raise click.UsageError("--register needs MLflow tracking (drop --no-mlflow)")
 
@@ -640,8 +855,8 @@ def fleet(model_name, data_dir, patterns, out_dir, workers, cpus_per_worker, gpu
     except (ShowerDataError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         _fail(exc)
     click.echo(f"fleet of {len(cfg.regions)} {model_name} models on {workers} workers -> {cfg.out_dir}")
-    run = dict(num_workers=workers, use_gpu=gpu, address=address, max_failures=max_failures,
-               threads_per_worker=cpus_per_worker)
+    run = dict(num_workers=workers, use_gpu=devices.device == "cuda", gpus_per_worker=devices.gpus or 1.0,
+               address=address, max_failures=max_failures, threads_per_worker=devices.cpus)
     # one fleet per folder, from before its MLflow run starts; the regions' iterations as they happen
     with writer_lock(cfg.out_dir, "fleet folder"), FleetProgress(cfg.out_dir, list(cfg.regions), train.iterations):
         if use_mlflow:
@@ -678,8 +893,8 @@ def _register_fleet(run_dirs: list[Path], workers: int) -> None:
                            + "; ".join(f"{Path(d).name}: {why}" for d, why in list(failed.items())[:5])))
 
 
-@main.command()
-@click.argument("model_name", metavar="MODEL", required=False)
+@main.command(short_help="Search a model's hyper-parameters with Ray Tune.")
+@click.argument("model_name", metavar="[MODEL]", required=False)
 @click.option("--data", "data_path", type=click.Path(exists=True), help="CaloChallenge HDF5 file (or folder).")
 @click.option("--mode", type=click.Choice(["grid", "asha"]), default="asha", show_default=True)
 @click.option("--num-samples", type=click.IntRange(1, 100_000), default=8, show_default=True,
@@ -693,11 +908,9 @@ def _register_fleet(run_dirs: list[Path], workers: int) -> None:
 @click.option("--space", "spaces", multiple=True, metavar="KEY=JSON",
               help="Candidates of a field, e.g. learning_rate=[1e-4,2e-4] (repeatable; others keep the family's).")
 @click.option("--only-given", is_flag=True, help="Search only the --space fields.")
-@_training_options(device=False)
+@_training_options
 @_split_options
-@click.option("--cpus-per-trial", default=1.0, show_default=True, help="CPUs (and torch threads) per trial.")
-@click.option("--gpus-per-trial", default=0.0, show_default=True,
-              help="Fractions pack small trials onto a GPU; refused if the Ray cluster has no GPU.")
+@_device_options("tune")
 @click.option("--address", default=None, help="Ray cluster address (default: a local Ray).")
 @click.option("-o", "--out", "out_dir", default=None, help="Sweep folder (default: out/tune/MODEL-MODE).")
 @click.option("--resume", "resume_dir", default=None, type=click.Path(exists=True, file_okay=False),
@@ -707,12 +920,12 @@ def _register_fleet(run_dirs: list[Path], workers: int) -> None:
               help="Start a new sweep with the settings of a sweep's sweep.json (plain JSON; MODEL, --data and the "
                    "search options come from it), into -o.")
 @click.option("--mlflow/--no-mlflow", "use_mlflow", default=True, show_default=True)
+@_tracking_option()
 def tune(model_name, data_path, mode, num_samples, metric, grace_period, reduction_factor, spaces, only_given, train,
-         split, cpus_per_trial, gpus_per_trial, address, out_dir, resume_dir, from_json, use_mlflow) -> None:
+         split, devices, address, out_dir, resume_dir, from_json, use_mlflow) -> None:
     """Search MODEL's hyper-parameters with Ray Tune (grid or ASHA); writes OUT/best.json, which
-    `calozoo train --config` and `calozoo fleet --config` take."""
-    import dataclasses
-
+    `calozoo train --config` and `calozoo fleet --config` take. MODEL and --data are needed unless
+    --resume or --from gives them."""
     from calozoo.tracked import resume_tracked_sweep, run_tracked_sweep
     from showers.lock import writer_lock
     from tune.sweep import SweepConfig, check_config, check_resumable, load_config, resume_sweep, run_sweep
@@ -741,8 +954,10 @@ def tune(model_name, data_path, mode, num_samples, metric, grace_period, reducti
                 cfg = SweepConfig(model=model_name, data=data_path, out_dir=out_dir or f"out/tune/{model_name}-{mode}",
                                   mode=mode, space=space, only_given=only_given, num_samples=num_samples,
                                   metric=metric, grace_period=grace_period, reduction_factor=reduction_factor,
-                                  train=dataclasses.replace(train, progress=False), split=split,
-                                  cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+                                  # a trial without a GPU of its own does not take one Ray did not give it
+                                  train=dataclasses.replace(train, progress=False,
+                                                            device="auto" if devices.gpus else "cpu"),
+                                  split=split, cpus_per_trial=devices.cpus, gpus_per_trial=devices.gpus)
             check_config(cfg)  # the candidates, the split, the folder: before an MLflow run or Ray starts
             with writer_lock(cfg.out_dir, "sweep folder"):
                 result = run_tracked_sweep(cfg, address=address)[0] if use_mlflow else run_sweep(cfg, address)
@@ -758,24 +973,24 @@ def tune(model_name, data_path, mode, num_samples, metric, grace_period, reducti
 CLASSIFIER_SIZES = ("official", "small", "tiny")
 
 
-def _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, gpu, threads,
+def _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, devices: Devices,
                      labels=None):
-    """The report's config from the validate options; gives torch and numpy's BLAS ``threads``
+    """The report's config from the validate options; gives torch and numpy's BLAS ``devices.cpus``
     threads (default: the CPUs this process may use) and returns (config, the BLAS limit, a context)."""
     from threadpoolctl import threadpool_limits
 
-    from trainers.loop import set_threads
+    from trainers.loop import resolve_device, set_threads
     from validate.report import ValidateConfig
 
     try:
-        n = set_threads(threads)
+        device = str(resolve_device(devices.device))
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--threads") from None
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    n = set_threads(devices.cpus)
     kw = {"labels": tuple(labels)} if labels else {}
     try:
         cfg = ValidateConfig(classifier=classifier, classifier_epochs=epochs, seeds=seeds, dataset=dataset, floor=floor,
-                             max_showers=max_showers, per_layer=per_layer, distances=distances,
-                             device="cuda" if gpu else "cpu", **kw)
+                             max_showers=max_showers, per_layer=per_layer, distances=distances, device=device, **kw)
     except ValueError as exc:
         _fail(exc)
     return cfg, threadpool_limits(n)  # numpy's BLAS as many threads as torch (FPD's many small eigensolvers)
@@ -803,33 +1018,33 @@ def _validate_options(classifier: str):
         click.option("--per-layer/--no-per-layer", default=True, show_default=True,
                      help="Histogram every layer's features on the reference's binning too, and draw them."),
         click.option("--distances/--no-distances", default=True, show_default=True, help="FPD and KPD."),
-        click.option("--gpu", is_flag=True, help="Train the classifier on CUDA."),
-        click.option("--threads", type=int, default=None,
-                     help="torch and BLAS threads (default: the CPUs this process may use)."),
+        _device_options("validate"),
     )
 
 
-@main.command()
+@main.command(short_help="Compare generated with reference showers in a report.")
 @click.argument("generated", type=click.Path(exists=True, dir_okay=False))
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--out", "out_dir", default=None, help="Report folder (default: GENERATED's name + '-validation').")
+@click.option("-o", "--out", "out_dir", default=None,
+              help="Report folder (default: out/validate/GENERATED, the file's name without .h5).")
 @click.option("--readout", default=None, help="Readout name, if the files do not record one.")
 @_validate_options("auto")
 @click.option("--labels", nargs=2, default=None,
               help="Names of REFERENCE, GENERATED (default: what made each file, from its attributes).")
 @click.option("--mlflow", "use_mlflow", is_flag=True, help="Log the report to MLflow (a new run, or --run-id).")
 @click.option("--run-id", default=None, help="Log into this MLflow run (e.g. the model's training run).")
+@_tracking_option()
 def validate(generated, reference, out_dir, readout, classifier, epochs, seeds, dataset, floor, max_showers, per_layer,
-             distances, gpu, threads, labels, use_mlflow, run_id) -> None:
+             distances, devices, labels, use_mlflow, run_id) -> None:
     """Compare GENERATED showers with REFERENCE showers (CaloChallenge HDF5, same readout): a report
     (markdown + PNGs) with the CaloChallenge evaluator's figures (its classifiers over several
     seeds, its histograms' separation powers, FPD/KPD), each beside the reference's own floor where
     the reference has twice the generated showers; see docs/validation.md."""
     from validate.report import validate_files
 
-    out = Path(out_dir or Path(generated).with_suffix("").as_posix() + "-validation")
-    cfg, blas = _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, gpu,
-                                 threads, labels)
+    out = Path(out_dir or Path("out/validate") / Path(generated).stem)
+    cfg, blas = _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, devices,
+                                 labels)
     try:
         with blas:
             m = validate_files(generated, reference, out, cfg, readout=readout, progress=_step_printer("validate"))
@@ -856,29 +1071,69 @@ def validate(generated, reference, out_dir, readout, classifier, epochs, seeds, 
         click.echo(f"logged to MLflow run {rid}")
 
 
-@main.command("validate-fleet")
-@click.option("--campaign", required=True, help="The campaign the models were registered under.")
-@click.option("--family", default=None,
-              help="Only for a store of the former naming CAMPAIGN.FAMILY.REGION: the family in its names.")
+class _HelpFrom(click.Option):
+    """An option whose help is made when it is shown (``help_from()``): what it names lives in a module
+    that the CLI does not import to start."""
+
+    def __init__(self, *args, help_from, **kw):
+        super().__init__(*args, **kw)
+        self.help_from = help_from
+
+    def get_help_record(self, ctx):
+        self.help = self.help_from()
+        return super().get_help_record(ctx)
+
+
+def _threshold_help() -> str:
+    from validate.fleet import DEFAULT_THRESHOLDS, METRICS
+
+    # a figure and its companions (auc_low, auc_low_std) as one entry: auc_low[_std]
+    extra = {}
+    for name in METRICS:
+        base = next((name[:-len(x)] for x in ("_std", "_error", "_floor") if name.endswith(x) and name[:-len(x)] in
+                     METRICS), None)
+        extra.setdefault(base or name, [])
+        if base:
+            extra[base].append(name[len(base):])
+    names = ", ".join(k + (f"[{','.join(v)}]" if v else "") for k, v in extra.items())
+    return (f"A region fails unless METRIC<=VALUE or METRIC>=VALUE (repeatable; default: {', '.join(DEFAULT_THRESHOLDS)})."
+            f" METRIC is one of the report's figures (docs/validation.md): {names}.")
+
+
+@main.command("validate-fleet", short_help="Validate every region's champion; table of failures.")
+@click.argument("campaign", metavar="CAMPAIGN", required=False)
+@click.argument("model_name", metavar="[MODEL]", required=False)
+@click.option("--campaign", "campaign_option", default=None, hidden=True)
+@click.option("--family", default=None, hidden=True)
 @click.option("--reference", "reference_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of held-out <region>.h5 reference files.")
 @click.option("--regions", "patterns", multiple=True, help="Region name or glob (repeatable; default: all).")
-@click.option("-o", "--out", "out_dir", default=None, help="Default: out/validation/CAMPAIGN.")
+@click.option("-o", "--out", "out_dir", default=None, help="Summary and reports folder (default: out/validation/CAMPAIGN).")
 @click.option("--alias", default="champion", show_default=True)
-@click.option("--fail", "thresholds", multiple=True, metavar="METRIC<=VALUE",
-              help="A region fails unless METRIC<=VALUE or METRIC>=VALUE (repeatable; default: "
-                   "max_sep_power_etot_per_energy<=0.3, max_long_rel<=0.3, max_rad_rel<=0.2).")
+@click.option("--fail", "thresholds", multiple=True, metavar="METRIC<=VALUE", cls=_HelpFrom, help_from=_threshold_help)
 @_validate_options("small")
 @click.option("--offline", is_flag=True, help="Use cached models only.")
 @click.option("--attach", is_flag=True, help="Add each region's figures (and the reference's floor) to the model "
               "version validated, in the registry.")
-def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias, thresholds, classifier, epochs, seeds,
-                       dataset, floor, max_showers, per_layer, distances, gpu, threads, offline, attach) -> None:
+@_tracking_option()
+def validate_fleet_cmd(campaign, model_name, campaign_option, family, reference_dir, patterns, out_dir, alias,
+                       thresholds, classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, devices,
+                       offline, attach) -> None:
     """Validate every region's registered model (CAMPAIGN.REGION@ALIAS, whatever its family) against its
-    reference showers; one report per region and a summary table of which regions fail the thresholds."""
+    reference showers; one report per region and a summary table of which regions fail the thresholds.
+    MODEL (a variant or a family) is only for a store of the former naming CAMPAIGN.FAMILY.REGION: the
+    family in its names."""
     from calozoo.fleet_validation import validate_fleet
     from validate.fleet import DEFAULT_THRESHOLDS, parse_threshold
 
+    if campaign and campaign_option and campaign != campaign_option:
+        raise click.UsageError("--campaign is the former spelling of the CAMPAIGN argument: give CAMPAIGN alone")
+    campaign = campaign or campaign_option
+    if not campaign:
+        raise click.UsageError("give CAMPAIGN, the campaign the models were registered under")
+    if model_name and family:
+        raise click.UsageError("--family is the former spelling of the MODEL argument: give MODEL alone")
+    family = _family(model_name) if model_name else family
     thresholds = thresholds or DEFAULT_THRESHOLDS
     try:
         for t in thresholds:
@@ -886,8 +1141,7 @@ def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fail") from None
     out = Path(out_dir or f"out/validation/{campaign}" + (f".{family}" if family else ""))
-    cfg, blas = _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, gpu,
-                                 threads)
+    cfg, blas = _validate_config(classifier, epochs, seeds, dataset, floor, max_showers, per_layer, distances, devices)
     try:
         with blas:
             rows = validate_fleet(campaign, reference_dir, out, regions=patterns or None, alias=alias, cfg=cfg,
@@ -903,6 +1157,21 @@ def validate_fleet_cmd(campaign, family, reference_dir, patterns, out_dir, alias
         sys.exit(1)
 
 
+def _family(model: str) -> str:
+    """The family of ``model``: a variant's (``zoo``), or ``model`` itself where it names a family."""
+    from zoo import list_models, model_entrypoint
+    from zoo.base import family_class
+
+    if model in list_models():
+        return model_entrypoint(model)().family
+    try:
+        family_class(model)
+    except KeyError:
+        raise click.BadParameter(f"{model!r} is neither a model variant nor a family; variants: "
+                                 f"{', '.join(list_models())}", param_hint="MODEL") from None
+    return model
+
+
 def _step_printer(name: str):
     """``say(text)`` printing one progress line per step with the elapsed time: ``[name  12.3 s] text``."""
     import time
@@ -911,10 +1180,11 @@ def _step_printer(name: str):
     return lambda text: click.echo(f"[{name} {time.perf_counter() - t0:6.1f} s] {text}", err=True)
 
 
-@main.command()
+@main.command(short_help="Run the whole chain on a small detector on this machine.")
 @click.option("-o", "--out", "out_dir", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--scale", type=click.Choice(["demo", "test"]), default="demo", show_default=True,
               help="test: the reduced path the test suite runs (a tenth of the work).")
+@_tracking_option("MLflow tracking store (default: MLFLOW_TRACKING_URI, else OUT/mlflow.db).")
 def demo(out_dir, scale) -> None:
     """The main job on the embedded defaults (local Ray, the output folder's MLflow store, the
     built-in simulator): simulate a small detector, sweep, train the fleet, register champions,

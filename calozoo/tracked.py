@@ -240,7 +240,7 @@ class MLflowFleetTracker:
 
 def run_tracked_fleet(cfg: FleetConfig, *, campaign: str, uri: str | None = None, plots: bool = True,
                       num_workers: int = 2, use_gpu: bool = False, address: str | None = None, max_failures: int = 3,
-                      threads_per_worker: int = 1) -> tuple[dict, TrackedRun]:
+                      threads_per_worker: int = 1, gpus_per_worker: float = 1.0) -> tuple[dict, TrackedRun]:
     """``trainers.fleet.run_fleet`` tracked in MLflow: a parent run ``fleet/MODEL`` (run folder
     ``OUT/_fleet``) whose children are the regions' runs (:class:`MLflowFleetTracker`); the parent
     gets the fleet's summary (regions done, seconds, mean best χ² sum, ``summary.json``) and ends
@@ -257,7 +257,8 @@ def run_tracked_fleet(cfg: FleetConfig, *, campaign: str, uri: str | None = None
     t0 = time.time()
     status, summary = "FAILED", None
     try:
-        summary = run_fleet(cfg, num_workers, use_gpu, address, max_failures, threads_per_worker, tracker=tracker)
+        summary = run_fleet(cfg, num_workers, use_gpu, address, max_failures, threads_per_worker, tracker=tracker,
+                            gpus_per_worker=gpus_per_worker)
         status = summary["status"]
     except KeyboardInterrupt:
         status = "KILLED"

@@ -334,6 +334,8 @@ def session_options(threads: int | None = None):
 class ShowerGenerator:
     """Generate showers with an exported calozoo model (an ONNX file with calozoo metadata).
 
+    Energies here are MeV, in and out (``energy_mev``; the ``calozoo`` command takes GeV).
+
     Attributes: ``name``, ``version``, ``metadata`` (decoded metadata_props), ``readout``,
     ``n_voxels``, ``noise_dim``, ``condition_spec``, ``trained_range``.
     """

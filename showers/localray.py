@@ -102,7 +102,7 @@ def require_resources(asks: dict[str, float], what: str, address: str | None = N
 
 def local_gpus_missing(address: str | None = None) -> bool:
     """True when Ray would be started here (no ``address``, no ``RAY_ADDRESS``, none running) on a
-    machine without a GPU torch can use: a ``--gpu`` request can be refused before Ray starts."""
+    machine without a GPU torch can use: a request for GPUs (``--device cuda``) can be refused before Ray starts."""
     import ray
     import torch
 

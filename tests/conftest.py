@@ -58,3 +58,34 @@ def mlflow_store(path) -> str:
         _TEMPLATE.append(folder / "mlflow.db")
     shutil.copyfile(_TEMPLATE[0], path)
     return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory):
+    """A small untrained FastCaloGAN (atlas-like photon_eta_020_025) exported the way ``registry.publish``
+    exports it (its metadata included), registered as ``layering.fastcalogan.r0@champion`` (a name of the
+    former naming CAMPAIGN.FAMILY.REGION) in a fresh sqlite store: (ONNX file, store URI, voxels)."""
+    import torch
+    from mlflow import MlflowClient
+
+    from registry.publish import export_metadata
+    from registry.tracking import artifact_location
+    from showers.detector import get_detector
+    from zoo.export import export_onnx
+    from zoo.fastcalogan import for_region
+
+    tmp = tmp_path_factory.mktemp("layering")
+    region = get_detector("atlas-like").select(["photon_eta_020_025"])[0]
+    torch.manual_seed(0)
+    model = for_region(region)
+    name = "layering.fastcalogan.r0"
+    path = export_onnx(model, tmp / "model.onnx", export_metadata(model, {"iteration": 0}, name=name,
+                                                                    campaign="layering", region=region.name))
+    uri = mlflow_store(tmp / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("layering", artifact_location=artifact_location(uri, "layering")))
+    client.log_artifact(run.info.run_id, str(path), "model")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+    return path, uri, model.n_voxels

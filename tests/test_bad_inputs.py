@@ -330,8 +330,8 @@ CLI_CASES = {
                                        "--min-val-per-energy", "5000"], ["--min-val-per-energy 5000", "at most 10"]),
     "fleet_workers_0": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP, "--workers", "0"],
                         ["--workers", "0"]),
-    "fleet_cpus_per_worker_0": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
-                                 "--cpus-per-worker", "0"], ["--cpus-per-worker", "0"]),
+    "fleet_cpus_0": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP, "--cpus", "0"],
+                     ["--cpus", "0"]),
     "fleet_set_batch_size_huge": (["fleet", "fastcalogan", "--data", "{d}/campaign", "--no-mlflow", "-o", TMP,
                                    "--set", "batch_size=1000000000"], ["batch_size", "65,536", "1000000000"]),
     "tune_space_not_json": (["tune", "fastcalogan", "--data", "{d}/good.h5", "--no-mlflow", "-o", TMP,
@@ -428,7 +428,7 @@ def test_cli_mlflow_sync_into_the_recorded_store_only(inp, tmp_path, monkeypatch
     assert not other.exists()  # nothing went to the shell's store
     assert _digest(run_dir) == before  # the pending log is kept for a later sync
     # into another store only when asked for by name: then everything is logged there
-    res = CliRunner().invoke(main, ["mlflow-sync", str(run_dir), "--tracking-uri", f"sqlite:///{other}"])
+    res = CliRunner().invoke(main, ["mlflow-sync", str(run_dir), "--to", f"sqlite:///{other}"])
     assert res.exit_code == 0 and "Traceback" not in res.output, res.output
     assert other.exists() and not run.pending()
 

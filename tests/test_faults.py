@@ -125,7 +125,7 @@ def _full_disk_cases(root: Path, data: Path, cache: Path, limit: int | None = No
     assert _sha(root / "gen.h5") == before and not list(root.glob(".*.tmp"))
 
     procs["train"] = _calozoo(["train", "fastcalogan", "--data", data, "--no-mlflow", "-o", root / "run",
-                               "--iterations", "4", "--checkpoint-every", "2", "--threads", "1",
+                               "--iterations", "4", "--checkpoint-every", "2", "--cpus", "1",
                                "--set", "batch_size=16"], **run)
     line = _one_error_line(procs["train"], "ckpt-000000002.pt", "cannot write")
     assert "enforce fail" not in line and "unexpected pos" not in line
@@ -155,7 +155,7 @@ def test_two_trains_into_one_folder_one_is_refused_and_the_index_is_the_others(d
     index holds the winner's checkpoints only (each checkpoint records the seed it was trained with)."""
     run = tmp_path / "run"
     base = [sys.executable, "-m", "calozoo", "train", "fastcalogan", "--data", str(data), "--no-mlflow", "-o",
-            str(run), "--iterations", "90", "--checkpoint-every", "30", "--set", "batch_size=16", "--threads", "1"]
+            str(run), "--iterations", "90", "--checkpoint-every", "30", "--set", "batch_size=16", "--cpus", "1"]
     procs = {seed: subprocess.Popen(base + ["--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, env=_env(), cwd=REPO) for seed in (1, 2)}
     out = {seed: p.communicate(timeout=600) for seed, p in procs.items()}
@@ -272,7 +272,7 @@ def test_generate_streams_its_showers_in_batches(cached_model, tmp_path, monkeyp
 def test_progress_in_a_log_is_plain_lines(data, tmp_path):
     """Output to a file (as under nohup or a batch system): plain progress lines, no carriage returns."""
     proc = _calozoo(["train", "fastcalogan", "--data", data, "--no-mlflow", "-o", tmp_path / "run", "--iterations",
-                     "20", "--checkpoint-every", "10", "--set", "batch_size=16", "--threads", "1"])
+                     "20", "--checkpoint-every", "10", "--set", "batch_size=16", "--cpus", "1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stderr and "\r" not in proc.stdout
     lines = [line for line in proc.stderr.splitlines() if re.match(r"fastcalogan: \d+/20 it \(\d+ %\), ", line)]

@@ -138,49 +138,20 @@ for name in BLOCKED:
 attempts.clear()
 
 from registry import pull  # noqa: F401 - the inference entry point itself must import
+from registry.contract import contract  # what `calozoo export` writes, too
 from registry.pull import ShowerGenerator
 
 local = ShowerGenerator(sys.argv[1], name="layering.fastcalogan.r0", version="1")
 pulled = pull("layering.fastcalogan.r0@champion", uri=sys.argv[2])  # by name, through MLflow, into the cache
 energies = [4096.0] * 5 + [65536.0] * 3
 showers = pulled.generate(energies, seed=1)
+assert contract(pulled)["readout"]["n_voxels"] == pulled.n_voxels
 ours = sorted({m.split(".")[0] for m in sys.modules} & {"zoo", "trainers", "tune", "validate", "calozoo"})
 print(json.dumps({"shape": list(showers.shape), "n_voxels": pulled.n_voxels, "dtype": str(showers.dtype),
                   "version": pulled.version, "finite": bool((showers == showers).all()),
                   "same_as_local": bool((showers == local.generate(energies, seed=1)).all()),
                   "attempts": attempts, "ours": ours}))
 """
-
-
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """A small FastCaloGAN exported the way ``registry.publish`` exports it (its metadata included),
-    registered as ``layering.fastcalogan.r0@champion`` in a fresh sqlite store: (ONNX file, store
-    URI, voxels)."""
-    import torch
-    from mlflow import MlflowClient
-
-    from registry.publish import export_metadata
-    from registry.tracking import artifact_location
-    from showers.detector import get_detector
-    from zoo.export import export_onnx
-    from zoo.fastcalogan import for_region
-
-    tmp = tmp_path_factory.mktemp("layering")
-    region = get_detector("atlas-like").select(["photon_eta_020_025"])[0]
-    torch.manual_seed(0)
-    model = for_region(region)
-    name = "layering.fastcalogan.r0"
-    path = export_onnx(model, tmp / "model.onnx", export_metadata(model, {"iteration": 0}, name=name,
-                                                                    campaign="layering", region=region.name))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run = client.create_run(client.create_experiment("layering", artifact_location=artifact_location(uri, "layering")))
-    client.log_artifact(run.info.run_id, str(path), "model")
-    client.create_registered_model(name)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    client.set_registered_model_alias(name, "champion", version.version)
-    return path, uri, model.n_voxels
 
 
 @pytest.mark.timeout(300)

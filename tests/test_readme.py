@@ -17,7 +17,7 @@ page, and only with the commands of :data:`NOT_RUN_COMMANDS`. What changes, and 
 - **a port**: the tracking server's 5000 becomes a free port (in every command that names it);
 - **a gate's verdict**: ``validate-fleet`` exits with 1 when a region fails its thresholds (what CI
   gates on), as every region does after 20 iterations; it must still have written its table;
-- **what this machine lacks**: a command that needs a GPU (``--gpu``, ``--device cuda``) where there is
+- **what this machine lacks**: a command that needs a GPU (``--device cuda``, ``--gpus``, ``--gpu``) where there is
   none, or a Ray cluster (``--address auto``) where none runs, must stop at once with one line saying
   so (exit status not 0, no traceback) instead of hanging;
 - **covered elsewhere**, each named in :data:`ELSEWHERE` and checked to exist: ``make demo``
@@ -141,7 +141,7 @@ def lacks(argv: list[str]) -> str | None:
     """What this machine lacks for the command: "GPU", "cluster", or None."""
     import torch
 
-    if ("--gpu" in argv or ("--device" in argv and argv[argv.index("--device") + 1].startswith("cuda"))) \
+    if ("--gpu" in argv or "--gpus" in argv or ("--device" in argv and argv[argv.index("--device") + 1].startswith("cuda"))) \
             and not torch.cuda.is_available():
         return "GPU"
     if _flag(argv, "--address") is not None and not os.environ.get("RAY_ADDRESS"):

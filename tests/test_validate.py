@@ -195,7 +195,7 @@ def test_validate_command_prints_the_evaluators_figures_with_their_spread_and_fl
     readout, e, x1, x2 = samples
     gen, ref = _write(tmp_path / "gen.h5", e[::2], x2[::2], readout), _write(tmp_path / "ref.h5", e, x1, readout)
     r = CliRunner().invoke(main, ["validate", str(gen), str(ref), "-o", str(tmp_path / "rep"), "--classifier", "tiny",
-                                  "--seeds", "2", "--no-per-layer", "--threads", "1"])
+                                  "--seeds", "2", "--no-per-layer", "--cpus", "1"])
     assert r.exit_code == 0, r.output
     lines = {line.split()[0]: line for line in r.output.splitlines() if line.startswith("  ")}
     assert " ± " in lines["auc_low"] and " ± " in lines["auc_high"]
@@ -203,7 +203,7 @@ def test_validate_command_prints_the_evaluators_figures_with_their_spread_and_fl
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["classifier_config"]["seeds"] == 2 and len(m["classifier"]["low"]["runs"]) == 2
     assert m["evaluator"]["floor"] == {"n_gen": 150, "n_ref": 150, "source": "reference split"}
-    for bad in (["--threads", "0"], ["--seeds", "0"], ["--classifier", "full"]):
+    for bad in (["--cpus", "0"], ["--seeds", "0"], ["--classifier", "full"]):
         r = CliRunner().invoke(main, ["validate", str(gen), str(ref), *bad])
         assert r.exit_code != 0 and bad[0] in r.output and "Traceback" not in r.output, r.output
 

@@ -314,9 +314,12 @@ def _worker_loop(config: dict) -> None:
 
 
 def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
-              max_failures: int = 3, threads_per_worker: int = 1, tracker: FleetTracker | None = None) -> dict:
+              max_failures: int = 3, threads_per_worker: int = 1, tracker: FleetTracker | None = None, *,
+              gpus_per_worker: float = 1.0) -> dict:
     """Train ``cfg.regions`` on ``num_workers`` Ray Train workers (a ``DataParallelTrainer``: see below).
 
+    Each worker holds ``threads_per_worker`` CPUs (its torch threads) and, with ``use_gpu``,
+    ``gpus_per_worker`` GPUs (a fraction shares a GPU between workers).
     tracker: records each region (on the workers), e.g. calozoo's MLflow tracker; None: no tracking.
     Returns {"shares", "seconds", "status", "regions": {region: best entry}}, also written to
     ``OUT/summary.json``. The fleet folder is held with ``showers.lock.writer_lock`` (one fleet per
@@ -333,35 +336,37 @@ def run_fleet(cfg: FleetConfig, num_workers: int = 2, use_gpu: bool = False, add
         low = 0 if name == "max_failures" else 1
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WORKERS:
             raise ValueError(f"{name} must be a whole number from {low} to {MAX_WORKERS}, got {value!r}")
+    if use_gpu and (isinstance(gpus_per_worker, bool) or not isinstance(gpus_per_worker, (int, float))
+                    or not 0 < gpus_per_worker <= 64):
+        raise ValueError(f"gpus_per_worker must be > 0 and at most 64, got {gpus_per_worker!r}")
     check_config(cfg)
     out = Path(cfg.out_dir).resolve()
     cfg = dataclasses.replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()))
     with writer_lock(out, "fleet folder"):
-        return _run_fleet(cfg, out, t0, num_workers, use_gpu, address, max_failures, threads_per_worker, tracker)
-
+        return _run_fleet(cfg, out, t0, num_workers, use_gpu, address, max_failures, threads_per_worker, tracker,
+                          float(gpus_per_worker))
 
 
 def _run_fleet(cfg: FleetConfig, out: Path, t0: float, num_workers: int, use_gpu: bool, address: str | None,
-               max_failures: int, threads_per_worker: int, tracker: FleetTracker | None) -> dict:
+               max_failures: int, threads_per_worker: int, tracker: FleetTracker | None, gpus_per_worker: float) -> dict:
     costs = {n: _n_voxels(Path(cfg.data_dir) / f"{n}.h5") * cfg.train.iterations for n in cfg.regions}
     shares = assign_regions(costs, num_workers)
     (out / "fleet.json").write_text(json.dumps({"config": asdict(cfg), "shares": shares}, indent=1))
 
     what = (f"a fleet of {num_workers} worker{'s' if num_workers != 1 else ''}"
-            + (" with a GPU each (--gpu)" if use_gpu else ""))
+            + (f" with {gpus_per_worker:g} GPU each (--device cuda --gpus {gpus_per_worker:g})" if use_gpu else ""))
     if use_gpu and local_gpus_missing(address):  # before Ray starts: nothing to wait for
         raise ValueError(f"{what} on this machine, which has no GPU that torch can use (give --address of a cluster "
-                         "with GPUs, or leave out --gpu)")
+                         "with GPUs, or --device cpu)")
     # a cluster at address or RAY_ADDRESS (set inside a Ray job), else a local Ray on loopback only
     init_ray(address, num_cpus=max(num_workers * threads_per_worker, os.cpu_count() or 1), log_to_driver=False)
-    require_resources({"GPU": float(num_workers)} if use_gpu else {"CPU": float(num_workers * threads_per_worker)},
-                      what, address)
+    per_worker = {"CPU": float(threads_per_worker), **({"GPU": gpus_per_worker} if use_gpu else {})}
+    require_resources({k: v * num_workers for k, v in per_worker.items()}, what, address)
     trainer = DataParallelTrainer(
         _worker_loop,
         train_loop_config={"fleet": asdict(cfg), "shares": shares, "use_gpu": use_gpu, "threads": threads_per_worker,
                            "tracker": tracker},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": threads_per_worker}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=f"fleet-{cfg.model}", storage_path=str(out / "_ray"),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

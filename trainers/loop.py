@@ -36,7 +36,7 @@ from zoo.base import ShowerModel
 from zoo.checkpoint import CheckpointManager, load_checkpoint
 
 __all__ = ["PROGRESS_FILE", "TrainConfig", "TrainResult", "available_cpus", "checkpoint_state", "incremental_order",
-           "read_progress", "set_threads", "train", "train_models", "validate"]
+           "read_progress", "resolve_device", "set_threads", "train", "train_models", "validate"]
 
 #: ``RUN_DIR/progress.json``: the iteration a model's training has reached (``_Heartbeat``)
 PROGRESS_FILE = "progress.json"
@@ -82,7 +82,7 @@ class TrainConfig:
                              f"None, got {self.incremental_every!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be a whole number from 0 to {2**32 - 1}, got {self.seed!r}")
-        _device(self.device)  # refuses an unknown device, or CUDA where there is none
+        resolve_device(self.device)  # refuses an unknown device, or CUDA where there is none
 
 
 @dataclass
@@ -126,7 +126,7 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """"auto" (CUDA when present, else the CPU), "cpu", "cuda", "cuda:1", ...; refuses what is not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,7 +223,7 @@ def _train_models(models, train_data, val_data, cfg: TrainConfig, run_dirs, rng:
         return results
 
     t0 = time.perf_counter()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     managers = [CheckpointManager(Path(d) / "checkpoints", keep=cfg.keep_checkpoints) for d in run_dirs]
     states: list[dict | None] = [None] * k
     for i, mgr in enumerate(managers):

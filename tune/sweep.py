@@ -485,8 +485,7 @@ def _check_resources(cfg: SweepConfig, address: str | None = None) -> None:
     from showers.localray import require_resources
 
     asks = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
-    require_resources(asks, f"each trial (--cpus-per-trial {cfg.cpus_per_trial:g}, --gpus-per-trial "
-                            f"{cfg.gpus_per_trial:g})", address)
+    require_resources(asks, f"each trial (--cpus {cfg.cpus_per_trial:g}, --gpus {cfg.gpus_per_trial:g})", address)
 
 
 def load_best(path) -> dict:

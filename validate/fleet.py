@@ -20,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from validate.report import headline
+from validate.report import HEADLINE, headline
 
-__all__ = ["DEFAULT_THRESHOLDS", "failures", "parse_threshold", "summarise", "write_summary"]
+__all__ = ["DEFAULT_THRESHOLDS", "METRICS", "failures", "parse_threshold", "summarise", "write_summary"]
+
+#: the names a threshold may test: the report's headline figures (``validate.report.HEADLINE``)
+METRICS = tuple(HEADLINE)
 
 #: what a region must meet by default: E_tot/E_inc and the mean profiles close to the reference.
 DEFAULT_THRESHOLDS = ("max_sep_power_etot_per_energy<=0.3", "max_long_rel<=0.3", "max_rad_rel<=0.2")
@@ -32,10 +35,13 @@ SUMMARY_COLUMNS = ("max_sep_power_etot_per_energy", "sep_power_etot", "max_long_
 
 
 def parse_threshold(text: str) -> tuple[str, str, float]:
-    """``"auc_low<=0.9"`` → ("auc_low", "<=", 0.9); ValueError naming the accepted form otherwise."""
+    """``"auc_low<=0.9"`` → ("auc_low", "<=", 0.9); ValueError naming the accepted form, or the
+    accepted names (:data:`METRICS`), otherwise."""
     m = _THRESHOLD.match(text)
     if not m:
         raise ValueError(f"threshold {text!r}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. max_long_rel<=0.3")
+    if m.group(1) not in METRICS:
+        raise ValueError(f"threshold {text!r}: unknown metric {m.group(1)!r}; known: {', '.join(METRICS)}")
     return m.group(1), m.group(2), float(m.group(3))
 
 
