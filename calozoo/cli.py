@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import sys
@@ -149,6 +150,9 @@ def main() -> None:
     """calozoo: ML fast calorimeter simulation, from showers to registered ONNX models.
 
     Energies typed on the command line are GeV; the files and the Python API hold MeV."""
+    # MLflow announces at INFO that it creates or upgrades a sqlite store's tables: noise between a
+    # command's own lines (its warnings and errors still show)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 @main.command(short_help="List the built-in readouts, detectors and media.")
