@@ -107,10 +107,9 @@ class CheckpointManager:
     The best checkpoint (:meth:`best`) is the latest of those the metric cannot tell from the smallest:
     within the statistical error of a difference of two values, √2 × the smallest one's
     ``{metric}_error`` when its metrics have one (``validate.metrics``), else only on a tie. Once a model
-    is as good as the validation set can tell, the smallest value is the luckiest draw of the noise:
-    of the README's flow-matching run the smallest value picked iteration 12000 of 18000 (criterion 4.156;
-    the last 4.257, 0.15 allowed), which the classifier tells from Geant4 with AUC 0.740 against the
-    last one's 0.686; in another run 3000 of 16000, 0.86 against 0.69 (README)."""
+    is as good as the validation set can tell, the smallest value is the luckiest draw of the noise, and
+    a later checkpoint that the metric cannot tell from it has trained longer (with a cosine schedule, at a
+    smaller learning rate): the classifier tells such later checkpoints from Geant4 less well."""
 
     def __init__(self, directory, keep: int = 5, metric: str = "criterion"):
         if keep < 2:

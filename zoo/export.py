@@ -132,8 +132,8 @@ def relative_difference(out: np.ndarray, ref: np.ndarray) -> float:
     small difference of larger terms (an untrained FastCaloGAN's ReLU outputs) reads 5e-7 of a mean
     voxel apart, 1e-3 relative to itself, so a pure relative measure would refuse correct graphs; the
     floor reads that as 5e-6. Above the floor the graphs agree to a few ulps of the voxel itself
-    (every variant, trained: at most 4e-6). The former floor, 1 % of the shower's largest voxel,
-    is about 10 mean voxels in a real shower (a 6480-voxel PbWO4 shower's core voxel holds some 15 %
+    (every variant, trained: at most 4e-6). A floor at 1 % of the shower's largest voxel would be
+    about 10 mean voxels in a real shower (a 6480-voxel PbWO4 shower's core voxel holds some 15 %
     of it): 100 times higher, and blind to errors of less than 1e-6 of the peak below it. With ONNX
     Runtime's Sigmoid (wrong by 100 % at -17), par04_vae_ds2 with trained-like logits (-30 .. -5)
     reads 5e-3 here; a measure relative to the shower's total energy reads 5e-5 and would pass it.

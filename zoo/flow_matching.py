@@ -11,16 +11,16 @@ energy in each voxel:
 - **shower summaries** (``shower_summaries``): the energy model also draws the shower's transverse
   centre (x, y) over all layers and its width; the shape model is told them, and generation moves every
   layer by the same small shift so that the shower's centre is the drawn one (``recentre``). In Geant4 a
-  shower's layers share its centre (a layer's centre correlates by about 0.45 with the next one's), and
-  a shape model that draws each layer's voxels given only the layer energies misses it: Geant4's own
-  showers with each layer's shape taken from another shower of the same energy are told from Geant4 by
-  the high-level classifier with AUC 0.86;
+  shower's layers share its centre (a layer's centre is correlated with the next one's), which a shape
+  model that draws each layer's voxels given only the layer energies misses: Geant4's own showers with
+  each layer's shape taken from another shower of the same energy are easily told from Geant4 by the
+  high-level classifier;
 - **layer moments** (``layer_moments``): the energy model also draws every layer's centre (x, y) and
   width, jointly with the layer energies (what a layer's neighbours hold of it is in their joint
   distribution), and generation moves and widens or narrows each layer of the shape model's shower
   to them (``recentre``, ``rewiden``). The shape model is not told them: it draws the voxels and their
-  fluctuations, the energy model the shape's moments. On the held-out Geant4 split (README) this took
-  the high-level AUC from 0.875 to 0.62 (low-level 0.746 to 0.740);
+  fluctuations, the energy model the shape's moments (told them as inputs too, the shape model trains
+  worse: 3 × n_layers more inputs for the same data);
 - **shape model**: the voxel shares u_i = E_i / E_layer(i), through z_i = log(u_i + ``voxel_floor``)
   standardised per voxel, given the standardised layer energies and summaries y and the incident
   energy. An empty voxel is below log(``voxel_floor``) and a hit above it; in training empty voxels
@@ -28,12 +28,13 @@ energy in each voxel:
   smears a point mass to both sides, which would turn empty voxels into tiny hits.
 
 ``shape_model`` "layers" (default): one velocity field for the voxels of every layer, padded to the
-widest layer and told which layer it is (one-hot), that layer's energy and its neighbours' and y (but the layers' moments):
-its weights see every layer of every shower (45 samples a shower in the PbWO4 readout), which a small
-training set needs. "voxels": one MLP over all voxels at once (the first version; measured against it
-in the README). With ``symmetric_alpha`` (the PbWO4 variant: a beam along the axis of a cylindrical
-readout) each training shower is turned by a random whole number of alpha bins and mirrored half the
-time, the same shower for such a detector.
+widest layer and told which layer it is (one-hot), that layer's energy and its neighbours' and y (but
+the layers' moments): its weights see every layer of every shower (45 samples a shower in the PbWO4
+readout), which a small training set needs. "voxels": one MLP over all voxels at once (7 M parameters
+for 6480 voxels, each shower one sample; checkpoints that predate ``shape_model`` load as this). With
+``symmetric_alpha`` (the PbWO4 variant: a beam along the axis of a cylindrical readout) each training
+shower is turned by a random whole number of alpha bins and mirrored half the time, the same shower for
+such a detector.
 
 Each is a velocity field v(x_t, t, context) (an MLP; t enters with sine and cosine features) trained by
 conditional flow matching on the straight path from a standard normal x_0 to the data x_1 (Lipman et al.
@@ -107,9 +108,9 @@ class FlowMatchingConfig(ModelConfig):
     n_steps, solver: the fixed-step integration of the shape model in generation (``euler`` or
         ``midpoint``, two velocity evaluations a step); energy_n_steps, energy_solver: the energy model's
         (0 and "": the shape model's). Six Euler steps for the shapes, six midpoint for the energies:
-        on the layer-shared model's held-out split, Euler for both came closer to Geant4 in the classifier
-        than midpoint (low-level AUC 0.88 against 0.95) but missed E_tot/E_inc at a left-out energy; the
-        energy model (cheap) keeps midpoint steps (README, the sampler-steps tables).
+        the shapes' cruder steps are what the classifier finds closest to Geant4, while the energy model
+        (a small MLP, cheap to integrate) needs the midpoint rule to keep E_tot/E_inc right at energies
+        it did not see (``benchmarks/fm_steps.py`` measures both on a checkpoint).
     layer_floor, voxel_floor: the offsets of the two log transforms (fractions of E_inc and of a layer).
     hit_quantile: generated voxels below this quantile of the training data's non-zero voxel energies
         are set to zero (0: none), their energy given to the rest of their layer; with ``calibration``
@@ -185,10 +186,11 @@ class FlowMatchingConfig(ModelConfig):
     def from_saved(cls, saved: dict) -> FlowMatchingConfig:
         """Checkpoints written before ``shape_model``, ``lr_schedule`` and ``energy_solver`` existed: the
         all-voxel MLP, trained at a constant learning rate, both models integrated alike. One trained
-        with ``layer_rings`` (an experiment, measured worse and removed: README) is refused."""
+        with ``layer_rings`` (per-layer radial profiles drawn by the energy model, an option removed) is
+        refused."""
         if saved.get("layer_rings"):
-            raise ValueError("this checkpoint was trained with layer_rings, an experiment that was removed "
-                             "(measured worse: README); retrain it without")
+            raise ValueError("this checkpoint was trained with layer_rings, an option removed from flow_matching; "
+                             "retrain it without")
         return super().from_saved({"shape_model": "voxels", "lr_schedule": "constant", "energy_knots": 1,
                                    "calibration": False, "dequantise_layers": False,
                                    "hit_quantile": 0.0, "energy_n_steps": 0, "energy_solver": "",
@@ -245,7 +247,7 @@ class FlowMatching(ShowerModel):
         self.n_summaries = (3 if config.shower_summaries else 0) + (3 * self.n_layers if config.layer_moments else 0)
         self.n_energy = self.n_layers + 1 + self.n_summaries
         # what the shape model is told of y: all but the layers' moments, which generation matches instead
-        # (told them, a run's shape model was worse: low-level AUC 0.90 against 0.75)
+        # (as inputs they add 3 × n_layers dimensions, with which the shape model trains worse)
         self.n_told = self.n_layers + 1 + (3 if config.shower_summaries else 0)
         r, alpha = self.readout.voxel_centres
         transverse = np.isin(layer_of, self._transverse_layers()).astype(np.float64)
@@ -337,10 +339,9 @@ class FlowMatching(ShowerModel):
         """(B, 3): the shower's energy-weighted centre x, y (mm) over the layers binned in alpha and
         log(its width in mm + 1), the width being the energy-weighted rms distance from that centre;
         with ``layer_moments`` then each layer's centre x (n_layers), y (n_layers) and log(width + 1).
-        In Geant4 the layers' centres and widths move together (a layer's centre correlates by about
-        0.45 with the next one's; drawn independently, each layer's shape taken from another shower of
-        the same energy and layer energy, Geant4's own showers are told from Geant4 with a high-level
-        AUC of 0.86): drawn by the energy model and told to the shape model, they hold them together."""
+        In Geant4 the layers' centres and widths move together (drawn independently, each layer's shape
+        taken from another shower of the same energy and layer energy, Geant4's own showers are easily
+        told from Geant4): drawn by the energy model, they hold the layers together."""
         s = showers @ self.summary_coords  # (B, 4): Σ E, Σ E x, Σ E y, Σ E r²
         total = s[:, :1].clamp_min(1e-12)
         centre = s[:, 1:3] / total

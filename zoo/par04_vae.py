@@ -27,7 +27,7 @@ spots would add a spread of √(2ε/E) to E_tot/E_inc: 4.5 % at 1 GeV, where Gea
 more standard normals per voxel are appended to the noise (noise_dim = latent_dim + 2 n_voxels: the
 hit draw through the normal CDF, then the log-normal's), which keeps the exported graph a pure function of (noise,
 conditions). ε = 1 MeV is the value that reproduces the fraction of non-empty voxels of the Geant4
-PbWO4 file (what it adds to the model's quality is measured in the README, "Benchmarks").
+PbWO4 file (what it adds to the model's quality: docs/benchmarks.md).
 
 Total energy (``response_quantiles`` = K > 0; calozoo's addition, off in Par04's variants). The sum
 of thousands of sigmoids is a poor model of E_grid/E_inc, whose spread in PbWO4 is about 1 %. With K
