@@ -69,9 +69,15 @@ def final_state(run_dir):
 def assert_parameters_agree(a: dict, b: dict, lr: float, steps: int, what: str) -> None:
     """Almost every element within 1e-5, none further apart than two Adam steps: Adam's first steps
     move an element by about ±lr whatever the size of its gradient, so an element whose gradient is
-    at the level of float rounding (a bias just ahead of a batch norm) may step the other way."""
+    at the level of float rounding (a bias just ahead of a batch norm) may step the other way. Tables a
+    model fits to its own showers at each checkpoint (flow matching's calibration, ``calib.*``) are
+    quantiles of generated energies: the weights' rounding moves them by about 1e-4 MeV, so they are
+    compared to 1e-3, relative and absolute."""
     total = close = 0
     for key, value in a.items():
+        if key.startswith("calib.") and value.is_floating_point():
+            torch.testing.assert_close(b[key], value, rtol=1e-3, atol=1e-3, msg=f"{what} {key}")
+            continue
         if not value.is_floating_point():
             assert torch.equal(b[key], value), f"{what} {key}"
             continue

@@ -277,6 +277,8 @@ def _train_models(models, train_data, val_data, cfg: TrainConfig, run_dirs, rng:
                 model = bank.unstacked(i)
                 model.eval()
                 model.calibrate()  # generation-side tables some families fit to their own showers
+                if bank.stacked:  # kept by the bank too: the models passed in end with them
+                    bank.load_model_state(i, dict(model.named_buffers()))
                 metrics, _ = validate(model, val_data[i], cfg.n_val_max)
                 model.train()
                 record = {"iteration": done, **{n: float(v[i]) for n, v in values.items()},
