@@ -43,6 +43,29 @@ def _no_ray_at_exit():
         ray.shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests on the session's local Ray (``local_ray``) run last, in their usual order: a test that
+    needs a Ray of its own (a simulated cluster, ``ray start --head``, the README's commands) shuts
+    down the Ray of this process, and between two of them the shared one would start again."""
+    shared = {id(item) for item in items if "local_ray" in getattr(item, "fixturenames", ())}
+    items[:] = [i for i in items if id(i) not in shared] + [i for i in items if id(i) in shared]
+
+
+@pytest.fixture
+def local_ray():
+    """The session's one local Ray (a Ray start costs seconds on 2 cores): in-process fleets, sweeps,
+    campaigns and the demo find it up and run on it, as they run on any Ray that is already
+    initialised. Started through calozoo's own ``init_ray`` (loopback only) by the first test that
+    asks for it, again by the next one if a test shut it down; ``_no_ray_at_exit`` ends it."""
+    import ray
+
+    from showers.localray import init_ray
+
+    if not ray.is_initialized():
+        init_ray(num_cpus=2, log_to_driver=False)
+    return ray
+
+
 _TEMPLATE: list[Path] = []
 
 

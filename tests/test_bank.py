@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from showers.detector import get_detector
+from showers.readout import Readout
 from trainers.bank import Bank, bank_groups, bank_key
 from trainers.data import ShowerData, split_validation
 from trainers.loop import TrainConfig, train, train_models
@@ -21,9 +22,15 @@ from zoo.fastcalogan import for_region
 SEEDS = [11, 12, 13]
 LOSSES = {"loss", "reconstruction", "kl", "nll_zero", "nll_energy"}
 
-# small enough for a 2-core CPU, the same architecture otherwise
+# Par04's 18 x 50 x 45 grid (40500 voxels, 8 M weights a model) shrunk to a grid of the same kind: the
+# bank's machinery does not depend on the voxel count, and three models of 8 M weights, their Adam states
+# and checkpoints are minutes of work on 2 cores
+PAR04_SMALL = Readout.regular("bank-par04", 5, 10, [0.0, 5.0, 10.0, 20.0, 40.0, 80.0], 3.5).to_dict()  # 250 voxels
+
+# small enough for a 2-core CPU, the same architecture otherwise (flow matching's calibration samples
+# 64 showers per energy knot at every checkpoint: two knots for the synthetic data's two energies)
 SMALL = {
-    "par04_vae": dict(batch_size=8),
+    "par04_vae": dict(batch_size=8, readout=PAR04_SMALL),
     "par04_vae_ds2": dict(batch_size=8),
     "par04_vae_pbwo4": dict(batch_size=8),
     "par04_vae_region": dict(batch_size=8),
@@ -32,8 +39,8 @@ SMALL = {
     "fastcalogan_pbwo4": dict(batch_size=8, n_critic=2, learning_rate=1e-3, critic_widths=(64, 32)),
     "fast_ar": dict(batch_size=4, width=8, n_conv=1, n_components=2),
     "fast_ar_24": dict(batch_size=4, width=8, n_conv=1, n_components=2),
-    "flow_matching": dict(batch_size=8, shape_widths=(32, 32), energy_widths=(16, 16)),
-    "flow_matching_pbwo4": dict(batch_size=8, shape_widths=(32, 32), energy_widths=(16, 16)),
+    "flow_matching": dict(batch_size=8, shape_widths=(32, 32), energy_widths=(16, 16), energy_knots=2),
+    "flow_matching_pbwo4": dict(batch_size=8, shape_widths=(32, 32), energy_widths=(16, 16), energy_knots=2),
 }
 
 
@@ -248,8 +255,8 @@ def _kill_at(iteration: int, last: int = 2):
 
 
 def test_learning_rate_schedules():
-    fm = Bank([create_model("flow_matching", **SMALL["flow_matching"])], [synthetic(create_model("flow_matching"), 8, 0)])
-    vae = Bank([create_model("par04_vae", **SMALL["par04_vae"])], [synthetic(create_model("par04_vae"), 8, 0)])
+    fm, vae = (Bank([m], [synthetic(m, 8, 0)]) for m in (create_model(name, **SMALL[name])
+                                                         for name in ("flow_matching", "par04_vae")))
     base = fm.models[0].config.learning_rate
     assert fm.models[0].config.lr_schedule == "cosine" and not hasattr(vae.models[0].config, "lr_schedule")
     for progress, factor in ((0.0, 1.0), (0.25, 0.5 + 0.5 * np.cos(np.pi / 4)), (0.5, 0.5), (1.0, 0.0)):

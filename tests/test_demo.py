@@ -18,7 +18,7 @@ from .conftest import mlflow_store
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
+def test_demo_runs_the_whole_chain(tmp_path, monkeypatch, local_ray):  # on the session's Ray, as on any running Ray
     uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CALOZOO_CACHE", str(tmp_path / "cache"))

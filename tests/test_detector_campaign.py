@@ -91,7 +91,7 @@ def test_killed_campaign_leaves_no_file_and_reruns_skip(det, tmp_path, monkeypat
         run_campaign(regions, tmp_path, CampaignSpec((2048.0,), 30, 5), use_ray=False, progress=False)
 
 
-def test_campaign_on_a_real_local_ray(det, tmp_path):
+def test_campaign_on_a_real_local_ray(det, tmp_path, local_ray):
     regions = det.select(["photon_eta_100_105", "pion_eta_300_305", "electron_eta_450_455"])
     results = run_campaign(regions, tmp_path, SPEC, use_ray=True, progress=False, num_cpus=2)
     assert [r.get("error") for r in results] == [None] * 3

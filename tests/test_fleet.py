@@ -98,6 +98,7 @@ def test_fleet_survives_losing_a_node(campaign, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
+    ray.shutdown()  # a driver joins one Ray: not the session's (conftest.local_ray), this cluster
     # a head that trains nothing and three one-CPU nodes for two workers: the spare takes the place
     # of the node that goes (an autoscaler's replacement; Cluster.add_node needs the main thread)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -199,20 +200,14 @@ def pbwo4_campaign(tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-def test_fast_ar_fleet_on_ray_train(pbwo4_campaign, tmp_path):
+def test_fast_ar_fleet_on_ray_train(pbwo4_campaign, tmp_path, local_ray):
     """FAST.AR trains as a fleet like every family (no code of its own in trainers/)."""
-    import ray
-
     out = tmp_path / "fleet"
     cfg = FleetConfig(model="fast_ar", data_dir=str(pbwo4_campaign), out_dir=str(out),
                       regions=list_regions(pbwo4_campaign), split=DataSplit(min_per_energy=4), bank_size=2,
                       train=TrainConfig(iterations=4, checkpoint_every=2, progress=False, n_val_max=8),
                       overrides={"batch_size": 4, "width": 4, "n_conv": 1, "n_components": 2})
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = run_fleet(cfg, num_workers=1, max_failures=0)
-    finally:
-        ray.shutdown()
+    summary = run_fleet(cfg, num_workers=1, max_failures=0)
     assert summary["status"] == "FINISHED"
     for r in cfg.regions:
         best = summary["regions"][r]

@@ -20,6 +20,9 @@ REPO = Path(__file__).parents[1]
 
 @pytest.fixture
 def ray_head(tmp_path):
+    import ray as ray_module
+
+    ray_module.shutdown()  # `ray stop` below ends every Ray process here, the one this process may hold too
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -1,6 +1,6 @@
 """A local Ray that calozoo starts, and the work on it, listen on loopback only (issues #15 and #27).
 
-Each in a child process: a campaign's Ray tasks; a 2-worker fleet (Ray Train) and a sweep (Ray Tune)
+Each in a child process: a campaign's Ray tasks, a 2-worker fleet (Ray Train) and a sweep (Ray Tune)
 on one local Ray; and `calozoo mlflow`. While each runs, the listening sockets of every process
 below the child (GCS, raylet, workers, agents, the minimal dashboard, the server's workers) are
 listed with ``ss -ltnup``, and none may be beyond loopback.
@@ -77,40 +77,6 @@ def _run_child(script: str, tmp_path, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-_CHILD = """
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import ray
-from showers.campaign import CampaignSpec, run_campaign
-from showers.detector import get_detector
-from showers.localray import init_ray
-from tests.test_ray_loopback import _children, _listening
-
-assert init_ray(num_cpus=2, log_to_driver=False)
-try:
-    regions = get_detector("atlas-like").select(["photon_eta_040_045"], None, None)
-    res = run_campaign(regions, sys.argv[2], CampaignSpec((2048.0,), 20), progress=False)  # on this Ray
-    sockets = _listening(_children(os.getpid()))
-finally:
-    ray.shutdown()
-import ray._private.ray_constants as rc
-print("RESULT " + json.dumps({"campaign": res, "sockets": sockets, "restored": bool(rc.ENABLE_RAY_CLUSTER)
-                              and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ}, default=str))
-"""
-
-
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
-def test_local_ray_of_a_campaign_listens_on_loopback_only(tmp_path):
-    result = _run_child(_CHILD, tmp_path, 300)
-    assert "error" not in result["campaign"][0], result["campaign"]
-    sockets = result["sockets"]
-    names = {n for _, _, n in sockets}
-    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), sockets
-    open_ = [s for s in sockets if not _is_loopback(s[0])]
-    assert not open_, f"Ray processes listening beyond loopback: {open_}"
-    assert result["restored"]  # the loopback switches were put back
-
-
 def test_no_code_switches_ray_authentication_off():
     root = Path(__file__).resolve().parents[1]
     for pkg in ("showers", "zoo", "validate", "trainers", "tune", "registry", "calozoo"):
@@ -118,7 +84,7 @@ def test_no_code_switches_ray_authentication_off():
             assert "RAY_AUTH_MODE" not in py.read_text(), py
 
 
-_WORK_CHILD = """
+_CHILD = """
 import json, os, sys, threading
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -134,8 +100,6 @@ from trainers.loop import TrainConfig
 from tune.sweep import SweepConfig, run_sweep
 
 out = sys.argv[2]
-run_campaign(get_detector("atlas-like").select(["photon_eta_020_025"]), out + "/data",
-             CampaignSpec((8192.0, 65536.0), 40, seed=3), use_ray=False, progress=False)
 seen, stop = {}, threading.Event()
 
 def sample():  # every listening socket of this process and its children, while the work runs
@@ -148,6 +112,9 @@ assert init_ray(num_cpus=2, log_to_driver=False)
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 try:
+    # the campaign's Ray tasks simulate the region that the fleet and the sweep then train on
+    campaign = run_campaign(get_detector("atlas-like").select(["photon_eta_020_025"]), out + "/data",
+                            CampaignSpec((8192.0, 65536.0), 40, seed=3), progress=False)  # on this Ray
     train, split = TrainConfig(iterations=10, checkpoint_every=10, progress=False, n_val_max=50), DataSplit(0.2, 10)
     fleet = run_fleet(FleetConfig(model="fastcalogan", data_dir=out + "/data", out_dir=out + "/fleet",
                                   regions=["photon_eta_020_025"], train=train, split=split,
@@ -158,22 +125,29 @@ finally:
     stop.set()
     sampler.join()
     ray.shutdown()
-print("RESULT " + json.dumps({"fleet": fleet["status"], "trials": len(sweep.trials), "sockets": list(seen.values())}))
+import ray._private.ray_constants as rc
+print("RESULT " + json.dumps({"campaign": campaign, "fleet": fleet["status"], "trials": len(sweep.trials),
+                              "sockets": list(seen.values()), "restored": bool(rc.ENABLE_RAY_CLUSTER)
+                              and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ}, default=str))
 """
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 @pytest.mark.timeout(600)
-def test_a_local_fleet_and_sweep_listen_on_loopback_only(tmp_path):
-    """A 2-worker fleet (Ray Train) and a sweep (Ray Tune) on a local Ray: every socket their processes
-    listen on while they run is on loopback (the fleet's workers start no torch process group, whose
-    rendezvous store would listen on every interface)."""
-    result = _run_child(_WORK_CHILD, tmp_path, 540)
+def test_a_local_ray_and_the_campaign_fleet_and_sweep_on_it_listen_on_loopback_only(tmp_path):
+    """A campaign's Ray tasks, then a 2-worker fleet (Ray Train) and a sweep (Ray Tune) on the same local
+    Ray: every socket their processes listen on while they run is on loopback (the fleet's workers start
+    no torch process group, whose rendezvous store would listen on every interface), and the loopback
+    switches are put back once Ray is down."""
+    result = _run_child(_CHILD, tmp_path, 540)
+    assert "error" not in result["campaign"][0], result["campaign"]
     assert result["fleet"] == "FINISHED" and result["trials"] == 1, result
     sockets = [tuple(s) for s in result["sockets"]]
-    assert any("raylet" in n for _, _, n in sockets), sockets
+    names = {n for _, _, n in sockets}
+    assert any("gcs_server" in n for n in names) and any("raylet" in n for n in names), sockets
     open_ = [s for s in sockets if not _is_loopback(s[0])]
-    assert not open_, f"listening beyond loopback while a fleet and a sweep ran: {open_}"
+    assert not open_, f"listening beyond loopback while a campaign, a fleet and a sweep ran: {open_}"
+    assert result["restored"]  # the loopback switches were put back
 
 
 def test_calozoo_mlflow_listens_on_loopback_only(tmp_path):

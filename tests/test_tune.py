@@ -30,15 +30,6 @@ def data(tmp_path_factory):
     return out / "photon_eta_020_025.h5"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def sweep(data, out, **kw) -> SweepConfig:
     # train and split as dicts, the way sweep.json and the trials' configs carry them
     base = dict(model="fastcalogan", data=str(data), out_dir=str(out), only_given=True, split={"min_per_energy": 15},
@@ -64,7 +55,7 @@ def children_of(uri, parent_name):
 
 
 @pytest.mark.timeout(600)
-def test_asha_stops_bad_trials_and_the_best_retrains(data, ray_local, tmp_path):
+def test_asha_stops_bad_trials_and_the_best_retrains(data, local_ray, tmp_path):
     uri = mlflow_store(tmp_path / "mlflow.db")
     # etot_shift: after tens of iterations every model is still off the narrow E_tot peak, where the
     # chi2 sum is saturated (all trials tie and ASHA has nothing to cut)
@@ -103,7 +94,7 @@ def _finished(out: Path, iterations: int) -> list[str]:
 
 
 @pytest.mark.timeout(900)
-def test_interrupted_sweep_resumes_without_repeating_finished_trials(data, ray_local, tmp_path):
+def test_interrupted_sweep_resumes_without_repeating_finished_trials(data, local_ray, tmp_path):
     out = tmp_path / "sweep"
     cfg = sweep(data, out, mode="grid", max_concurrent=1,
                 space={"learning_rate": [1e-3, 3e-4, 1e-4], "batch_size": [16], "n_critic": [1]},
@@ -139,7 +130,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(data, ray_l
 
 
 @pytest.mark.timeout(600)
-def test_a_refused_sweep_starts_afresh_from_its_sweep_json(data, ray_local, tmp_path):
+def test_a_refused_sweep_starts_afresh_from_its_sweep_json(data, local_ray, tmp_path):
     """A sweep folder whose pickles calozoo did not sign is refused; `tune --from OLD/sweep.json` (plain
     JSON) runs its sweep again in a new folder, whose every pickle is signed and which resumes."""
     from dataclasses import asdict
