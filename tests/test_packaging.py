@@ -31,7 +31,6 @@ except ImportError:  # Python 3.10: pytest brings tomli there
 from registry.pull import ShowerGenerator
 from registry.server import start_server, stop_server
 
-from .test_layering import registered  # noqa: F401 (a fixture)
 from .test_registry_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
