@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.calozoo-installed
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): one per core, at most 4 (each may start a local Ray); 0 runs in this process
+TEST_WORKERS ?= auto
 DEMO_ARGS ?=
 
 .PHONY: demo test install clean bench
@@ -13,7 +15,7 @@ demo: $(STAMP)
 	$(BIN)/calozoo demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_simulator.py

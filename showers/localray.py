@@ -71,7 +71,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
         return True
     kwargs["include_dashboard"] = False
     with _loopback_only():
-        ray.init(num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **kwargs)
+        # address="local": a Ray of this process's own, never one that `ray start` left up on this machine
+        # (another user's, or another run's): without it ray.init() joins that one
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **kwargs)
     return True
 
 

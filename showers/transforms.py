@@ -80,14 +80,16 @@ def _per_shower(e, like):
     """Incident energies as a column broadcastable against ``like`` (N, ...), same array kind."""
     if e is None:
         raise ValueError("this transform needs the incident energies")
+    tracing = False
     if _is_torch(like):
         import torch
 
-        e = torch.as_tensor(e, dtype=like.dtype, device=like.device)
+        tracing = torch.jit.is_tracing()  # an ONNX export: the shapes are the graph's, checked by its inputs
+        e = e.to(like) if torch.is_tensor(e) else torch.as_tensor(e, dtype=like.dtype, device=like.device)
     else:
         e = np.asarray(e, dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float64)
     e = e.reshape(-1)
-    if e.shape[0] != like.shape[0]:
+    if not tracing and e.shape[0] != like.shape[0]:
         raise ValueError(f"{e.shape[0]} incident energies for {like.shape[0]} showers")
     return e.reshape((-1,) + (1,) * (like.ndim - 1))
 

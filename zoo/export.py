@@ -33,15 +33,25 @@ def export_onnx(model: ShowerModel, path, metadata: dict | None = None, batch: i
     module = model.inference_module().cpu()
     noise = torch.randn(batch, model.noise_dim)
     cond = model.encode_conditions(np.full(batch, 10_000.0), *_example_conditions(model, batch)).cpu()
-    dim = torch.export.Dim("batch", min=1, max=1 << 20)
-    # The exporter warns once per missing torchvision op ("torchvision is not installed. Skipping
-    # torchvision::nms"): nothing of ours uses them.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    names = dict(input_names=["noise", "conditions"], output_names=["showers"], opset_version=OPSET, verbose=False)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (noise, cond), str(path), dynamo=True, external_data=False,
-                          input_names=["noise", "conditions"], output_names=["showers"],
-                          dynamic_shapes=({0: dim}, {0: dim}), opset_version=OPSET, verbose=False)
+        # a trace that may not hold for other inputs (a Python branch on a tensor's value) is no graph
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        try:
+            # the TorchScript exporter: 5-20x faster than the dynamo one (0.8 s against 16 s for
+            # flow_matching_pbwo4, 3 s against 65 s for fast_ar on 2 cores), which counts for a fleet of
+            # hundreds of regions; the parity gate judges the graph either way
+            torch.onnx.export(module, (noise, cond), str(path), dynamo=False, **names,
+                              dynamic_axes={"noise": {0: "batch"}, "conditions": {0: "batch"}, "showers": {0: "batch"}})
+        except Exception:  # an op it cannot export, a trace that may not generalise: the dynamo exporter
+            warnings.simplefilter("ignore")
+            # it warns once per missing torchvision op ("torchvision is not installed. Skipping
+            # torchvision::nms"): nothing of ours uses them
+            logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+            dim = torch.export.Dim("batch", min=1, max=1 << 20)
+            torch.onnx.export(module, (noise, cond), str(path), dynamo=True, external_data=False, **names,
+                              dynamic_shapes=({0: dim}, {0: dim}))
     proto = onnx.load(str(path))
     _set_metadata(proto, metadata)
     onnx.checker.check_model(proto)
