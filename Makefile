@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.calozoo-installed
 PYTEST_ARGS ?=
-# test processes (pytest-xdist): one per core, at most 4 (each may start a local Ray); 0 runs in this process
+# test processes (pytest-xdist): one per core, at most 4; the tests that run a Ray run one at a time
+# (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
 TEST_WORKERS ?= auto
 DEMO_ARGS ?=
 

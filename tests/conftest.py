@@ -1,6 +1,7 @@
 """Shared test set-up."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import sys
@@ -43,12 +44,52 @@ def _no_ray_at_exit():
         ray.shutdown()
 
 
+def uses_ray(item) -> bool:
+    """Whether a test starts or joins a Ray: it asks for ``local_ray``, or is marked ``ray``."""
+    return "local_ray" in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray") is not None
+
+
 def pytest_collection_modifyitems(config, items):
-    """The tests on the session's local Ray (``local_ray``) run last, in their usual order: a test that
-    needs a Ray of its own (a simulated cluster, ``ray start --head``, the README's commands) shuts
-    down the Ray of this process, and between two of them the shared one would start again."""
+    """The tests that run a Ray come first: with several test processes (``make test``: pytest-xdist,
+    ``--dist worksteal``, each process given a contiguous share of this order and the later tests of a
+    busy process taken by an idle one), they all land in the first process, one after another, while
+    the others run the rest; they are also the longest work. Among them, the tests on the session's local
+    Ray (``local_ray``) run last, in their usual order: a test that needs a Ray of its own (a simulated
+    cluster, ``ray start --head``, a docs page's commands) shuts down the Ray of this process, and between
+    two of them the shared one would start again."""
     shared = {id(item) for item in items if "local_ray" in getattr(item, "fixturenames", ())}
-    items[:] = [i for i in items if id(i) not in shared] + [i for i in items if id(i) in shared]
+    own = {id(item) for item in items if uses_ray(item)} - shared
+    items[:] = ([i for i in items if id(i) in own] + [i for i in items if id(i) in shared]
+                + [i for i in items if id(i) not in shared and id(i) not in own])
+
+
+@pytest.fixture(autouse=True)
+def _one_ray_at_a_time(request, tmp_path_factory):
+    """A test that runs a Ray holds a lock that every test process of the session shares, so that no two
+    Rays run side by side even where the order above does not keep them in one process: two Rays
+    starting workers on a small machine slow each other past Ray Train's start-up timeouts, and ``ray
+    stop`` (tests/test_jobs.py) ends every Ray process of the machine."""
+    if not uses_ray(request.node):
+        yield
+        return
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each test process's own
+    with open(root / "ray.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The Ray this process runs ends with the last test that uses it, not at the session's end: its
+    processes would otherwise idle beside the tests that follow."""
+    if uses_ray(item) and (nextitem is None or not uses_ray(nextitem)):
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture

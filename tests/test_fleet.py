@@ -89,6 +89,7 @@ def assert_all_finished_and_resumed(out: Path, regions):
     assert resumed >= 1, "no region resumed after the failure"
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_fleet_survives_losing_a_node(campaign, tmp_path, monkeypatch):
     """A node that goes takes its worker process with it (the harder case of a killed worker): every
@@ -101,7 +102,9 @@ def test_fleet_survives_losing_a_node(campaign, tmp_path, monkeypatch):
     ray.shutdown()  # a driver joins one Ray: not the session's (conftest.local_ray), this cluster
     # a head that trains nothing and three one-CPU nodes for two workers: the spare takes the place
     # of the node that goes (an autoscaler's replacement; Cluster.add_node needs the main thread)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # the GCS declares a node that stopped answering dead after 1 s instead of Ray's default 15 s (3 s x 5)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2}})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     out = tmp_path / "fleet"
     cfg = fleet_config(campaign, out)

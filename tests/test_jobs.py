@@ -15,6 +15,8 @@ from zoo.checkpoint import CheckpointManager, load_checkpoint
 from .test_fleet import campaign  # noqa: F401 (a fixture)
 from .test_registry_server import free_port
 
+pytestmark = pytest.mark.ray
+
 REPO = Path(__file__).parents[1]
 
 
@@ -22,7 +24,9 @@ REPO = Path(__file__).parents[1]
 def ray_head(tmp_path):
     import ray as ray_module
 
-    ray_module.shutdown()  # `ray stop` below ends every Ray process here, the one this process may hold too
+    # `ray stop` below ends every Ray process of the machine: the one this process may hold, and any other
+    # test's (the tests marked ray run one after another in one test process: tests/conftest.py)
+    ray_module.shutdown()
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

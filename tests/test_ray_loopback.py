@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 
 def _children(pid: int) -> set[int]:

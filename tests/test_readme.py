@@ -102,15 +102,20 @@ def page_blocks(path: Path) -> list[tuple[str, str]]:
             if lang in RUNNABLE and not (RUNNABLE[lang] == "sh" and text.startswith(NOT_RUN))]
 
 
-def readme_blocks() -> list[tuple[str, str]]:
-    """(``sh`` or ``python``, text) of the README's blocks that run, in order."""
-    return page_blocks(REPO / "README.md")
-
-
 def commands(block: str) -> list[list[str]]:
     """The commands of a shell block: continuation lines joined, comments dropped, as argv lists."""
     joined = re.sub(r"\\\n\s*", " ", block)
     return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
+
+
+def runs_ray(path: Path) -> bool:
+    """Whether a page's commands start a Ray: a fleet, a sweep, the demo, or a campaign simulated on Ray."""
+    for lang, block in page_blocks(path):
+        for argv in commands(block) if lang == "sh" else []:
+            if argv[0].endswith("calozoo") and len(argv) > 1 and (
+                    argv[1] in ("fleet", "tune", "demo") or (argv[1] == "simulate" and "--no-ray" not in argv)):
+                return True
+    return False
 
 
 def _flag(argv: list[str], name: str) -> int | None:
@@ -278,12 +283,14 @@ def run_blocks(blocks: list[tuple[str, str]], home: Path, env: dict, port: int, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("readme", [pytest.param(REPO / "README.md", marks=[pytest.mark.ray] if runs_ray(REPO / "README.md") else [])],
+                         ids=["README.md"])
+def test_every_readme_command_runs_as_written(readme, tmp_path, monkeypatch):
     home, env, port = fresh_folder(tmp_path, ["tests"])
     monkeypatch.chdir(home)
     record = Record()
     try:
-        run_blocks(readme_blocks(), home, env, port, record)
+        run_blocks(page_blocks(readme), home, env, port, record)
     finally:
         (tmp_path / "timings.txt").write_text("\n".join(record.timings) + "\n")
     ran, elsewhere = record.ran, record.elsewhere
@@ -330,7 +337,8 @@ def test_contributing_page_exists():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [pytest.param(p, marks=[pytest.mark.ray] if runs_ray(p) else []) for p in doc_pages()],
+                         ids=lambda p: p.name)
 def test_every_docs_page_runs_as_written(page, tmp_path, monkeypatch):
     home, env, port = fresh_folder(tmp_path, checkout_entries())
     monkeypatch.chdir(home)

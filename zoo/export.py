@@ -23,9 +23,14 @@ __all__ = ["ARBITER_FACTOR", "EDGE_RTOL", "MAX_EDGE_FRACTION", "MEAN_VOXEL_FLOOR
 OPSET = 18
 
 
-def export_onnx(model: ShowerModel, path, metadata: dict | None = None, batch: int = 4) -> Path:
+def export_onnx(model: ShowerModel, path, metadata: dict | None = None, batch: int = 4, dynamo: bool = False) -> Path:
     """Write ``model``'s inference graph to ``path`` (inputs ``noise``, ``conditions``; output
-    ``showers``), with ``metadata`` as metadata_props (values JSON-encoded if not strings)."""
+    ``showers``), with ``metadata`` as metadata_props (values JSON-encoded if not strings).
+
+    The graph is traced with torch's TorchScript exporter, or with its dynamo exporter where the trace
+    fails or may not hold for other inputs (a ``TracerWarning``), or if ``dynamo``. Both give graphs
+    of the same values (the parity gate judges either); the first is many times faster
+    (``benchmarks/bench_export.py``)."""
     import onnx
 
     path = Path(path)
@@ -34,22 +39,16 @@ def export_onnx(model: ShowerModel, path, metadata: dict | None = None, batch: i
     noise = torch.randn(batch, model.noise_dim)
     cond = model.encode_conditions(np.full(batch, 10_000.0), *_example_conditions(model, batch)).cpu()
     names = dict(input_names=["noise", "conditions"], output_names=["showers"], opset_version=OPSET, verbose=False)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        # a trace that may not hold for other inputs (a Python branch on a tensor's value) is no graph
-        warnings.simplefilter("error", torch.jit.TracerWarning)
-        try:
-            # the TorchScript exporter: 5-20x faster than the dynamo one (0.8 s against 16 s for
-            # flow_matching_pbwo4, 3 s against 65 s for fast_ar on 2 cores), which counts for a fleet of
-            # hundreds of regions; the parity gate judges the graph either way
-            torch.onnx.export(module, (noise, cond), str(path), dynamo=False, **names,
-                              dynamic_axes={"noise": {0: "batch"}, "conditions": {0: "batch"}, "showers": {0: "batch"}})
-        except Exception:  # an op it cannot export, a trace that may not generalise: the dynamo exporter
+    traced = None if dynamo else _export_traced(module, (noise, cond), path, names)
+    if traced is not None:
+        logging.getLogger(__name__).info("%s: the dynamo exporter (the TorchScript trace: %s)", model.variant, traced)
+    if dynamo or traced is not None:
+        # it warns once per missing torchvision op ("torchvision is not installed. Skipping
+        # torchvision::nms"): nothing of ours uses them
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        dim = torch.export.Dim("batch", min=1, max=1 << 20)
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            # it warns once per missing torchvision op ("torchvision is not installed. Skipping
-            # torchvision::nms"): nothing of ours uses them
-            logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-            dim = torch.export.Dim("batch", min=1, max=1 << 20)
             torch.onnx.export(module, (noise, cond), str(path), dynamo=True, external_data=False, **names,
                               dynamic_shapes=({0: dim}, {0: dim}))
     proto = onnx.load(str(path))
@@ -58,6 +57,20 @@ def export_onnx(model: ShowerModel, path, metadata: dict | None = None, batch: i
     onnx.save(proto, str(path))
     model.to(model.device)
     return path
+
+
+def _export_traced(module, args, path, names: dict) -> str | None:
+    """Export through the TorchScript exporter; None if done, else why not (it failed, or the trace may not
+    hold for other inputs: a Python branch on a tensor's value, a ``TracerWarning``)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(module, args, str(path), dynamo=False, **names,
+                              dynamic_axes={"noise": {0: "batch"}, "conditions": {0: "batch"}, "showers": {0: "batch"}})
+        except Exception as exc:  # noqa: BLE001 - any failure of this exporter leaves the other one
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def graph_key(model: ShowerModel) -> str:
