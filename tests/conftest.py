@@ -10,6 +10,10 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller looks at its workers every 2 s by default, so every fleet waits up to 2 s to learn that
+# its workers started, reported or ended; the tests' fleets are seconds long (a local Ray, the tests' `ray
+# start` and their subprocesses inherit this)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import torch  # noqa: E402
 
