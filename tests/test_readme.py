@@ -118,6 +118,11 @@ def runs_ray(path: Path) -> bool:
     return False
 
 
+def page_param(path: Path):
+    """A page as a test parameter named after it, marked ``ray`` if its commands start one (tests/conftest.py)."""
+    return pytest.param(path, marks=[pytest.mark.ray] if runs_ray(path) else [], id=path.name)
+
+
 def _flag(argv: list[str], name: str) -> int | None:
     return argv.index(name) if name in argv else None
 
@@ -283,8 +288,7 @@ def run_blocks(blocks: list[tuple[str, str]], home: Path, env: dict, port: int, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("readme", [pytest.param(REPO / "README.md", marks=[pytest.mark.ray] if runs_ray(REPO / "README.md") else [])],
-                         ids=["README.md"])
+@pytest.mark.parametrize("readme", [page_param(REPO / "README.md")])
 def test_every_readme_command_runs_as_written(readme, tmp_path, monkeypatch):
     home, env, port = fresh_folder(tmp_path, ["tests"])
     monkeypatch.chdir(home)
@@ -337,8 +341,7 @@ def test_contributing_page_exists():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("page", [pytest.param(p, marks=[pytest.mark.ray] if runs_ray(p) else []) for p in doc_pages()],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [page_param(p) for p in doc_pages()])
 def test_every_docs_page_runs_as_written(page, tmp_path, monkeypatch):
     home, env, port = fresh_folder(tmp_path, checkout_entries())
     monkeypatch.chdir(home)

@@ -39,10 +39,9 @@ def export_onnx(model: ShowerModel, path, metadata: dict | None = None, batch: i
     noise = torch.randn(batch, model.noise_dim)
     cond = model.encode_conditions(np.full(batch, 10_000.0), *_example_conditions(model, batch)).cpu()
     names = dict(input_names=["noise", "conditions"], output_names=["showers"], opset_version=OPSET, verbose=False)
-    traced = None if dynamo else _export_traced(module, (noise, cond), path, names)
-    if traced is not None:
-        logging.getLogger(__name__).info("%s: the dynamo exporter (the TorchScript trace: %s)", model.variant, traced)
-    if dynamo or traced is not None:
+    why = "asked for" if dynamo else _export_traced(module, (noise, cond), path, names)
+    if why is not None:
+        logging.getLogger(__name__).info("%s: the dynamo exporter (%s)", model.variant, why)
         # it warns once per missing torchvision op ("torchvision is not installed. Skipping
         # torchvision::nms"): nothing of ours uses them
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -69,7 +68,7 @@ def _export_traced(module, args, path, names: dict) -> str | None:
             torch.onnx.export(module, args, str(path), dynamo=False, **names,
                               dynamic_axes={"noise": {0: "batch"}, "conditions": {0: "batch"}, "showers": {0: "batch"}})
         except Exception as exc:  # noqa: BLE001 - any failure of this exporter leaves the other one
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return f"the TorchScript trace: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
 
